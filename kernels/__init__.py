@@ -1,0 +1,1 @@
+"""Triton decode kernels, installed as `n2l.kernels`."""

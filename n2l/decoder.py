@@ -1,0 +1,77 @@
+"""Decoding: bitstream -> network -> pixels, through one of three interchangeable backends.
+
+- ``torch``: the reference (n2l/model.py), any torch device.
+- ``triton``: fused GPU kernels (kernels/, installed as ``n2l.kernels``).
+- ``cpu``: the compiled C++ core (``n2l.cpu``).
+
+``auto`` picks triton on a CUDA device, else the C++ core, else torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import numpy as np
+import torch
+
+from .model import N2LModel, to_uint8
+
+BACKENDS = ("auto", "torch", "triton", "cpu")
+
+
+@cache
+def _backend_module(name: str):
+    """The module of an optional backend, or the reason it cannot be used (a string)."""
+    module_name = {"triton": "n2l.kernels", "cpu": "n2l.cpu"}[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        return f"{module_name} cannot be imported ({e})"
+    reason = module.unavailable_reason()
+    return reason if reason else module
+
+
+def backend_available(name: str) -> bool:
+    """Whether the `triton` or `cpu` backend can run here."""
+    return not isinstance(_backend_module(name), str)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map `auto` to a concrete backend and check that the requested one can run on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda" and backend_available("triton"):
+            return "triton"
+        if device.type == "cpu" and backend_available("cpu"):
+            return "cpu"
+        return "torch"
+    if backend != "torch":
+        module = _backend_module(backend)
+        if isinstance(module, str):
+            raise RuntimeError(f"backend {backend!r} is not available: {module}")
+        if backend == "triton" and device.type != "cuda" and not module.interpreted():
+            raise RuntimeError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
+        if backend == "cpu" and device.type != "cpu":
+            raise RuntimeError("backend 'cpu' decodes on the CPU; pass device='cpu'")
+    return backend
+
+
+def reconstruct(
+    model: N2LModel,
+    seed: int,
+    height: int,
+    width: int,
+    backend: str = "torch",
+    threads: int | None = None,
+) -> np.ndarray:
+    """Run a network (weights already dequantized, on its device) to uint8 pixels [H, W, C]."""
+    if backend == "torch":
+        with torch.inference_mode():
+            image = model(model.noise(seed, height, width))
+            return to_uint8(image).cpu().numpy()
+    module = _backend_module(backend)
+    if backend == "triton":
+        return module.decode_triton(model, seed, height, width).cpu().numpy()
+    return module.decode_cpu(model, seed, height, width, threads=threads)

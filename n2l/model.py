@@ -1,0 +1,236 @@
+"""The n2l network: Gaussian Parameter Predictor (GPP) + upsampling + synthesis.
+
+Data flow for an H x W image (scale s has size ceil(H/2^s) x ceil(W/2^s), s = 0 is full size):
+
+    for s = M-1 (coarsest) down to 0:
+        u_s   = up2(y_{s+1})                       (absent at the coarsest scale)
+        h     = relu(conv_kxk([z_s, u_s]))          GPP layer 0 ("gpp.s.0")
+        p     = conv_1x1(h)                         GPP layer 1 ("gpp.s.1"), 2C channels
+        mu_s  = u_s + p[:C],  sigma_s = softplus(p[C:])
+        y_s   = mu_s + sigma_s * z_s                reparameterization
+    x = concat_s(up_{2^s}(y_s))                     [M*C, H, W]
+    x = 1x1 convs with ReLU between ("synth.i"), the last one to RGB
+    x = x + conv_3x3(x) for each residual layer    ("synth_res.r")
+
+Convolutions pad by edge replication. Upsampling is bilinear with align_corners=False
+semantics (half-pixel centres, clamped at the edges), see `upsample`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import noise_pyramid, scale_shape
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one n2l network. Everything here is signalled in the bitstream."""
+
+    n_scales: int = 7  # M: noise/latent scales, full size down to 1/2^(M-1)
+    latent_channels: int = 4  # C: noise and latent channels per scale
+    gpp_hidden: int = 12  # hidden width of every scale's GPP
+    gpp_kernel: int = 3  # spatial kernel of GPP layer 0 (1 or 3) ...
+    gpp_kernel_min_scale: int = 2  # ... at scales >= this one; finer scales use 1x1
+    synth_hidden: tuple[int, ...] = (16,)  # hidden widths of the 1x1 synthesis layers
+    synth_residual: int = 1  # number of 3x3 residual layers on the output after the 1x1 layers
+    out_channels: int = 3  # 3 for RGB, 1 for grayscale images
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "synth_hidden", tuple(int(h) for h in self.synth_hidden))
+        limits = (
+            (1 <= self.n_scales <= 12, "n_scales must be in 1..12"),
+            (1 <= self.latent_channels <= 32, "latent_channels must be in 1..32"),
+            (1 <= self.gpp_hidden <= 128, "gpp_hidden must be in 1..128"),
+            (self.gpp_kernel in (1, 3), "gpp_kernel must be 1 or 3"),
+            (0 <= self.gpp_kernel_min_scale <= 12, "gpp_kernel_min_scale must be in 0..12"),
+            (len(self.synth_hidden) <= 8, "at most 8 synthesis hidden layers"),
+            (all(1 <= h <= 256 for h in self.synth_hidden), "synth_hidden widths must be in 1..256"),
+            (0 <= self.synth_residual <= 8, "synth_residual must be in 0..8"),
+            (self.out_channels in (1, 3), "out_channels must be 1 or 3"),
+        )
+        for ok, message in limits:
+            if not ok:
+                raise ValueError(f"invalid ModelConfig: {message} (got {self})")
+
+    def gpp_kernel_at(self, scale: int) -> int:
+        return self.gpp_kernel if scale >= self.gpp_kernel_min_scale else 1
+
+    def gpp_in_channels(self, scale: int) -> int:
+        """Noise, plus the upsampled coarser latent except at the coarsest scale."""
+        c = self.latent_channels
+        return c if scale == self.n_scales - 1 else 2 * c
+
+    def layer_shapes(self) -> list[tuple[str, int, int, int]]:
+        """(name, in_channels, out_channels, kernel) of every convolution, in bitstream order."""
+        c, g = self.latent_channels, self.gpp_hidden
+        shapes = []
+        for s in reversed(range(self.n_scales)):
+            shapes.append((f"gpp.{s}.0", self.gpp_in_channels(s), g, self.gpp_kernel_at(s)))
+            shapes.append((f"gpp.{s}.1", g, 2 * c, 1))
+        widths = (self.n_scales * c, *self.synth_hidden, self.out_channels)
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+            shapes.append((f"synth.{i}", cin, cout, 1))
+        for r in range(self.synth_residual):
+            shapes.append((f"synth_res.{r}", self.out_channels, self.out_channels, 3))
+        return shapes
+
+    def n_params(self) -> int:
+        return sum(cout * (cin * k * k + 1) for _, cin, cout, k in self.layer_shapes())
+
+    def macs_per_pixel(self, height: int | None = None, width: int | None = None) -> float:
+        """Multiply-accumulates per decoded pixel, counted exactly.
+
+        Counts every convolution tap, 4 per bilinear sample and channel, and 1 per
+        reparameterized latent element (biases and activations are free). With a size,
+        scale areas are the real ceil(H/2^s) x ceil(W/2^s); without one, the asymptotic 4^-s.
+        """
+        c = self.latent_channels
+        total = 0.0
+        for s in range(self.n_scales):
+            if height is None or width is None:
+                area = 4.0**-s
+            else:
+                hs, ws = scale_shape(height, width, s)
+                area = hs * ws / (height * width)
+            k = self.gpp_kernel_at(s)
+            gpp = k * k * self.gpp_in_channels(s) * self.gpp_hidden + self.gpp_hidden * 2 * c
+            up_coarser = 4 * c if s < self.n_scales - 1 else 0
+            total += area * (gpp + c + up_coarser)
+            total += 4 * c if s > 0 else 0  # upsampling y_s to full size
+        widths = (self.n_scales * c, *self.synth_hidden, self.out_channels)
+        total += sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        total += 9 * self.out_channels**2 * self.synth_residual
+        return total
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_scales} scales x {self.latent_channels} ch, "
+            f"GPP hidden {self.gpp_hidden} ({self.gpp_kernel}x{self.gpp_kernel} from scale "
+            f"{self.gpp_kernel_min_scale}), synthesis {list(self.synth_hidden)} "
+            f"+ {self.synth_residual} residual 3x3; "
+            f"{self.n_params()} parameters, {self.macs_per_pixel():.0f} MAC/pixel"
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["synth_hidden"] = list(self.synth_hidden)
+        return d
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "fast": ModelConfig(latent_channels=2, gpp_hidden=8, gpp_kernel_min_scale=2, synth_hidden=(8,)),
+    "default": ModelConfig(),
+    "best": ModelConfig(
+        latent_channels=6, gpp_hidden=16, gpp_kernel_min_scale=1, synth_hidden=(24, 16), synth_residual=2
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset (`fast`, `default`, `best`), optionally with fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def _axis_taps(n_in: int, n_out: int, factor: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps along one axis: out[i] = (1 - w[i]) * in[i0[i]] + w[i] * in[i1[i]]."""
+    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) / factor - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    return i0, i1, src - i0.to(torch.float32)
+
+
+def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+    """Bilinear upsampling of [B, C, h, w] by an integer factor, cropped to [B, C, height, width].
+
+    Source coordinate of output index i: max(0, (i + 0.5) / factor - 0.5); the two taps
+    are floor(src) and floor(src) + 1, both clamped to the last input index. With a power-of-two
+    factor every coordinate and weight is exact in float32.
+    """
+    if factor == 1:
+        return x[..., :height, :width]
+    i0, i1, wy = _axis_taps(x.shape[-2], height, factor, x.device)
+    x = x[..., i0, :] * (1 - wy)[:, None] + x[..., i1, :] * wy[:, None]
+    j0, j1, wx = _axis_taps(x.shape[-1], width, factor, x.device)
+    return x[..., j0] * (1 - wx) + x[..., j1] * wx
+
+
+def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    pad = conv.kernel_size[0] // 2
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    return conv(x)
+
+
+class N2LModel(nn.Module):
+    """The decoder network of one image; the reference implementation of n2l decoding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.convs = nn.ModuleDict()
+        for name, cin, cout, k in config.layer_shapes():
+            self.convs[name.replace(".", "_")] = nn.Conv2d(cin, cout, k)
+        for r in range(config.synth_residual):  # residual layers start as the identity
+            conv = self.layer(f"synth_res.{r}")
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def layer(self, name: str) -> nn.Conv2d:
+        return self.convs[name.replace(".", "_")]
+
+    def named_layers(self) -> list[tuple[str, nn.Conv2d]]:
+        """Convolutions in bitstream order (see ModelConfig.layer_shapes)."""
+        return [(name, self.layer(name)) for name, *_ in self.config.layer_shapes()]
+
+    def latents(self, noise: list[torch.Tensor]) -> list[torch.Tensor]:
+        """GPP + reparameterization: noise pyramid -> latents y_s, both lists of [B, C, h_s, w_s]."""
+        cfg = self.config
+        c = cfg.latent_channels
+        ys: list[torch.Tensor] = [None] * cfg.n_scales  # type: ignore[list-item]
+        for s in reversed(range(cfg.n_scales)):
+            z = noise[s]
+            if s == cfg.n_scales - 1:
+                u, x = 0.0, z
+            else:
+                u = upsample(ys[s + 1], 2, z.shape[-2], z.shape[-1])
+                x = torch.cat([z, u], dim=1)
+            h = torch.relu(_conv(x, self.layer(f"gpp.{s}.0")))
+            p = _conv(h, self.layer(f"gpp.{s}.1"))
+            mu, sigma = u + p[:, :c], F.softplus(p[:, c:])
+            ys[s] = mu + sigma * z
+        return ys
+
+    def synthesis(self, ys: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+        """Latents -> image [B, out_channels, H, W] (not clamped)."""
+        x = torch.cat([upsample(y, 1 << s, height, width) for s, y in enumerate(ys)], dim=1)
+        n_synth = len(self.config.synth_hidden) + 1
+        for i in range(n_synth):
+            x = _conv(x, self.layer(f"synth.{i}"))
+            if i < n_synth - 1:
+                x = torch.relu(x)
+        for r in range(self.config.synth_residual):
+            x = x + _conv(x, self.layer(f"synth_res.{r}"))
+        return x
+
+    def forward(self, noise: list[torch.Tensor]) -> torch.Tensor:
+        """Noise pyramid (finest first, each [B, C, h_s, w_s]) -> image [B, out_channels, H, W], not clamped."""
+        height, width = noise[0].shape[-2:]
+        return self.synthesis(self.latents(noise), height, width)
+
+    def noise(self, seed: int, height: int, width: int) -> list[torch.Tensor]:
+        """The noise pyramid this model decodes from, batched: list of [1, C, h_s, w_s]."""
+        device = next(self.parameters()).device
+        cfg = self.config
+        return [z[None] for z in noise_pyramid(seed, height, width, cfg.n_scales, cfg.latent_channels, device)]
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] float in [0, 1] -> [H, W, C] uint8 of the first image (round half to even)."""
+    return (image[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
