@@ -15,7 +15,10 @@ from functools import cache
 import numpy as np
 import torch
 
+from . import bitstream
+from .bitstream import FormatError
 from .model import N2LModel, to_uint8
+from .weights import decode_tensors
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -75,3 +78,36 @@ def reconstruct(
     if backend == "triton":
         return module.decode_triton(model, seed, height, width).cpu().numpy()
     return module.decode_cpu(model, seed, height, width, threads=threads)
+
+
+def load_model(buf: bytes, device: torch.device | str = "cpu") -> tuple[bitstream.Header, N2LModel]:
+    """Parse a bitstream and rebuild its network with dequantized float32 weights."""
+    header, payload = bitstream.read(buf)
+    sizes = bitstream.tensor_sizes(header.config)
+    try:
+        qs = decode_tensors(payload, list(header.codes), sizes)
+    except Exception as e:  # constriction rejects payloads that cannot be decoded
+        raise FormatError(f"corrupted weight payload: {e}") from None
+    model = N2LModel(header.config)
+    tensors = [t for _, conv in model.named_layers() for t in (conv.weight, conv.bias)]
+    with torch.no_grad():
+        for t, q, code in zip(tensors, qs, header.codes):
+            t.copy_(torch.from_numpy(q).view(t.shape).double().mul(code.step).float())
+    return header, model.to(device).eval()
+
+
+def decode(
+    buf: bytes, device: torch.device | str | None = None, backend: str = "auto", threads: int | None = None
+) -> np.ndarray:
+    """Decode an n2l bitstream to uint8 pixels [H, W, C] (C = 3 for RGB, 1 for grayscale).
+
+    `device` defaults to CUDA when available, else CPU; `backend` is one of auto, torch,
+    triton, cpu (see module docstring); `threads` limits the C++ core's threads.
+    Raises FormatError (a ValueError) for invalid bitstreams.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    backend = resolve_backend(backend, device)
+    header, model = load_model(buf, device)
+    return reconstruct(model, header.seed, header.height, header.width, backend, threads)

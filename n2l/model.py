@@ -49,7 +49,7 @@ class ModelConfig:
             (self.gpp_kernel in (1, 3), "gpp_kernel must be 1 or 3"),
             (0 <= self.gpp_kernel_min_scale <= 12, "gpp_kernel_min_scale must be in 0..12"),
             (len(self.synth_hidden) <= 8, "at most 8 synthesis hidden layers"),
-            (all(1 <= h <= 256 for h in self.synth_hidden), "synth_hidden widths must be in 1..256"),
+            (all(1 <= h <= 255 for h in self.synth_hidden), "synth_hidden widths must be in 1..255"),
             (0 <= self.synth_residual <= 8, "synth_residual must be in 0..8"),
             (self.out_channels in (1, 3), "out_channels must be 1 or 3"),
         )

@@ -1,0 +1,157 @@
+"""The n2l bitstream: header, seed, per-tensor coding parameters, coded weights, CRC32.
+
+Layout (little-endian; see docs/FORMAT.md):
+
+    magic "N2L" | version u8 | width u16 | height u16 | channels u8
+    | n_scales u8 | latent_channels u8 | gpp_hidden u8 | gpp_kernel u8 | gpp_kernel_min_scale u8
+    | synth_residual u8 | n_synth_hidden u8 | synth_hidden u8 * n_synth_hidden
+    | seed u32 | per tensor: exponent u8, scale_code i8, max_abs u16 | payload_len u32
+    | payload | crc32 u32 (of every byte before it)
+
+Every field is validated before anything is allocated or decoded; any problem raises
+FormatError with a message that says what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from .model import ModelConfig
+from .weights import MAX_EXPONENT, SCALE_CODE_RANGE, TensorCode
+
+MAGIC = b"N2L"
+VERSION = 1
+MAX_SIDE = 32768
+MAX_PIXELS = 1 << 28  # 16384 x 16384
+_FIXED = struct.Struct("<3sBHHB7B")  # magic .. n_synth_hidden
+_CODE = struct.Struct("<BbH")
+_U32 = struct.Struct("<I")
+
+
+class FormatError(ValueError):
+    """The bytes are not a valid n2l bitstream (truncated, corrupted, or unsupported)."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """Everything in an n2l bitstream except the coded weights."""
+
+    width: int
+    height: int
+    config: ModelConfig
+    seed: int
+    codes: tuple[TensorCode, ...]
+    n_bytes: int = 0  # size of the whole bitstream (0 until written or read)
+
+    @property
+    def channels(self) -> int:
+        return self.config.out_channels
+
+    @property
+    def bpp(self) -> float:
+        """Bits per pixel of the whole bitstream, header included."""
+        return 8 * self.n_bytes / (self.width * self.height)
+
+
+def tensor_sizes(config: ModelConfig) -> list[int]:
+    """Element count of every coded tensor (weight then bias of each layer), in bitstream order."""
+    sizes = []
+    for _, cin, cout, k in config.layer_shapes():
+        sizes += [cout * cin * k * k, cout]
+    return sizes
+
+
+def write(header: Header, payload: bytes) -> bytes:
+    """Serialize a header and its payload into a complete bitstream."""
+    cfg = header.config
+    out = bytearray(
+        _FIXED.pack(
+            MAGIC, VERSION, header.width, header.height, cfg.out_channels,
+            cfg.n_scales, cfg.latent_channels, cfg.gpp_hidden, cfg.gpp_kernel,
+            cfg.gpp_kernel_min_scale, cfg.synth_residual, len(cfg.synth_hidden),
+        )
+    )
+    out += bytes(cfg.synth_hidden)
+    out += _U32.pack(header.seed)
+    for code in header.codes:
+        out += _CODE.pack(code.exponent, code.scale_code, code.max_abs)
+    out += _U32.pack(len(payload)) + payload
+    out += _U32.pack(zlib.crc32(out))
+    return bytes(out)
+
+
+class _Reader:
+    def __init__(self, buf: bytes):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.pos + n > len(self.buf):
+            raise FormatError(f"truncated bitstream: {what} needs {n} bytes at offset {self.pos}, "
+                              f"only {len(self.buf) - self.pos} left")
+        self.pos += n
+        return self.buf[self.pos - n : self.pos]
+
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple:
+        return fmt.unpack(self.take(fmt.size, what))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise FormatError(message)
+
+
+def read(buf: bytes) -> tuple[Header, bytes]:
+    """Parse and validate a bitstream; returns the header and the coded payload."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes, got {type(buf).__name__}")
+    buf = bytes(buf)
+    r = _Reader(buf)
+    magic = r.take(3, "magic")
+    _check(magic == MAGIC, f"not an n2l bitstream: magic {magic!r}, expected {MAGIC!r}")
+    (version,) = r.unpack(struct.Struct("<B"), "version")
+    _check(version == VERSION, f"unsupported n2l format version {version} (this decoder reads {VERSION})")
+    r.pos = 0
+    (_, _, width, height, channels, n_scales, latent_channels, gpp_hidden, gpp_kernel,
+     gpp_kernel_min_scale, synth_residual, n_hidden) = r.unpack(_FIXED, "header")
+    _check(1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE,
+           f"image size {width}x{height} out of range (1..{MAX_SIDE} per side)")
+    _check(width * height <= MAX_PIXELS, f"image size {width}x{height} exceeds {MAX_PIXELS} pixels")
+    _check(channels in (1, 3), f"unsupported channel count {channels} (expected 1 or 3)")
+    _check(n_hidden <= 8, f"{n_hidden} synthesis hidden layers (at most 8)")
+    synth_hidden = tuple(r.take(n_hidden, "synthesis widths"))
+    try:
+        config = ModelConfig(
+            n_scales=n_scales, latent_channels=latent_channels, gpp_hidden=gpp_hidden,
+            gpp_kernel=gpp_kernel, gpp_kernel_min_scale=gpp_kernel_min_scale,
+            synth_hidden=synth_hidden, synth_residual=synth_residual, out_channels=channels,
+        )
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+    (seed,) = r.unpack(_U32, "seed")
+    codes = []
+    lo, hi = SCALE_CODE_RANGE
+    for i in range(2 * len(config.layer_shapes())):
+        exponent, scale_code, max_abs = r.unpack(_CODE, f"coding parameters of tensor {i}")
+        _check(exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {exponent} > {MAX_EXPONENT}")
+        _check(lo <= scale_code <= hi, f"tensor {i}: Laplace scale code {scale_code} outside {lo}..{hi}")
+        codes.append(TensorCode(exponent, scale_code, max_abs))
+    (payload_len,) = r.unpack(_U32, "payload length")
+    _check(payload_len % 4 == 0, f"payload length {payload_len} is not a multiple of 4")
+    remaining = len(buf) - r.pos
+    _check(payload_len + 4 <= remaining,
+           f"truncated bitstream: payload of {payload_len} bytes + 4-byte CRC, only {remaining} bytes left")
+    _check(payload_len + 4 == remaining,
+           f"{remaining - payload_len - 4} unexpected bytes after the end of the bitstream")
+    payload = r.take(payload_len, "payload")
+    (crc,) = r.unpack(_U32, "CRC32")
+    actual = zlib.crc32(buf[: r.pos - 4])
+    _check(crc == actual, f"checksum mismatch (stored {crc:08x}, computed {actual:08x}): corrupted bitstream")
+    header = Header(width, height, config, seed, tuple(codes), n_bytes=len(buf))
+    return header, payload
+
+
+def read_header(buf: bytes) -> Header:
+    """Validate a bitstream and return its header (size, architecture, seed, bpp)."""
+    return read(buf)[0]

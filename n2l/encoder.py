@@ -1,0 +1,263 @@
+"""Per-image encoder: overfit an n2l network with a rate-distortion loss, quantize, entropy-code.
+
+Training (loss = MSE + lambda * bits / pixels):
+1. candidates: with `seeds` > 1, train one network per noise seed briefly and keep the best;
+2. main phase: Adam with linear warm-up and cosine decay; weights see additive uniform noise
+   of one quantization step (a differentiable proxy of rounding) and each tensor's rate is
+   the entropy of a quantized Laplace fitted to it, with a learned step per tensor;
+3. quantization-aware phase: hard rounding with straight-through gradients at fixed steps;
+4. post-training search of per-tensor power-of-two steps minimizing MSE + lambda * R with the
+   real coded size (constriction), then the bitstream is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from . import bitstream
+from .images import ImageLike, load_image, to_tensor
+from .model import ModelConfig, N2LModel, preset
+from .weights import MAX_EXPONENT, TensorCode, encode_tensors, fit_code, quantize, tensor_bits
+
+# quality 0..8 -> lambda (MSE on [0, 1] + lambda * bits per pixel) and architecture.
+QUALITY_LAMBDAS = tuple(2e-2 * (1e-4 / 2e-2) ** (q / 8) for q in range(9))
+QUALITY_PRESETS = ("fast", "fast", "fast", "default", "default", "default", "best", "best", "best")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimization schedule of the encoder."""
+
+    iterations: int = 2000
+    lr: float = 1e-2
+    warmup_fraction: float = 0.05  # linear learning-rate warm-up
+    qat_fraction: float = 0.1  # final hard-rounding phase
+    qat_lr: float = 1e-3
+    grad_clip: float = 1.0
+    candidate_iterations: int = 100  # per candidate when seeds > 1
+    init_log2_step: float = -8.0
+
+
+def laplace_entropy_bits(beta: torch.Tensor) -> torch.Tensor:
+    """Entropy (bits per symbol) of a zero-mean Laplace of scale beta quantized to unit bins."""
+    beta = beta.clamp_min(1e-3)
+    r = torch.exp(-0.5 / beta)  # sqrt of the geometric ratio a = exp(-1/beta)
+    a = r * r
+    log_p1 = math.log(0.5) + torch.log1p(-a) + 0.5 / beta  # log p_k = log_p1' + k log a
+    nats = -(1 - r) * torch.log1p(-r) - r * log_p1 + r / (beta * (1 - a))
+    return nats / math.log(2)
+
+
+class _RateProxy:
+    """Differentiable weight rate: per tensor, N * H(mean|w| / step) with a learned log2 step."""
+
+    def __init__(self, model: N2LModel, init_log2_step: float):
+        self.names = [name for name, _ in model.named_parameters()]
+        self.log2_steps = torch.full((len(self.names),), init_log2_step, device=next(model.parameters()).device,
+                                     requires_grad=True)
+
+    def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        steps = torch.exp2(self.log2_steps)
+        return sum(
+            p.numel() * laplace_entropy_bits(p.abs().mean() / steps[i]) for i, p in enumerate(params.values())
+        )
+
+    def noisy(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        steps = torch.exp2(self.log2_steps)
+        return {n: p + (torch.rand_like(p) - 0.5) * steps[i] for i, (n, p) in enumerate(params.items())}
+
+
+def _psnr_from_mse(mse: float) -> float:
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def _lr_factor(it: int, total: int, warmup: int) -> float:
+    if it < warmup:
+        return (it + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
+
+
+class _Trainer:
+    """One candidate: a network, its fixed noise, its rate proxy and optimizer."""
+
+    def __init__(self, config: ModelConfig, seed: int, target: torch.Tensor, lmbda: float, tc: TrainingConfig):
+        self.seed, self.target, self.lmbda, self.tc = seed, target, lmbda, tc
+        torch.manual_seed(seed)
+        self.model = N2LModel(config).to(target.device)
+        self.noise = self.model.noise(seed, target.shape[-2], target.shape[-1])
+        self.rate = _RateProxy(self.model, tc.init_log2_step)
+        self.params = dict(self.model.named_parameters())
+        self.opt = torch.optim.Adam([*self.params.values(), self.rate.log2_steps], lr=tc.lr)
+        self.pixels = target.shape[-2] * target.shape[-1]
+        self.loss = math.inf
+
+    def step(self, lr: float, params: dict[str, torch.Tensor] | None = None) -> tuple[float, float, float]:
+        """One Adam step; `params` overrides the (noisy) weights. Returns (loss, mse, bpp)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        used = params if params is not None else self.rate.noisy(self.params)
+        out = functional_call(self.model, used, (self.noise,))
+        mse = F.mse_loss(out, self.target)
+        bpp = self.rate.bits(self.params) / self.pixels
+        loss = mse + self.lmbda * bpp
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params.values(), self.tc.grad_clip)
+        self.opt.step()
+        self.loss = float(loss.detach())
+        return self.loss, float(mse), float(bpp)
+
+
+def _straight_through(params: dict[str, torch.Tensor], exponents: list[int]) -> dict[str, torch.Tensor]:
+    out = {}
+    for (name, p), e in zip(params.items(), exponents):
+        scale = 2.0**e
+        out[name] = p + (torch.round(p * scale) / scale - p).detach()
+    return out
+
+
+class _Quantizer:
+    """Evaluates MSE + lambda * bpp of the network quantized with given per-tensor exponents."""
+
+    def __init__(self, trainer: _Trainer):
+        self.t = trainer
+        self.float_params = {n: p.detach().clone() for n, p in trainer.params.items()}
+        self.cache: dict[tuple[str, int], tuple] = {}
+
+    def tensor(self, name: str, exponent: int) -> tuple:
+        """(integers, code, bits) of one tensor at one exponent, cached."""
+        key = (name, exponent)
+        if key not in self.cache:
+            q = quantize(self.float_params[name], exponent)
+            code = fit_code(q, exponent)
+            self.cache[key] = (q, code, tensor_bits(q, code))
+        return self.cache[key]
+
+    @torch.no_grad()
+    def cost(self, exponents: list[int]) -> tuple[float, float, float]:
+        """(cost, mse, bpp) of a full assignment, with the real coded bits."""
+        params, bits = {}, 0.0
+        for (name, p), e in zip(self.float_params.items(), exponents):
+            q, _, b = self.tensor(name, e)
+            params[name] = torch.from_numpy(q).to(p.device, torch.float32).view_as(p) * 2.0**-e
+            bits += b
+        out = functional_call(self.t.model, params, (self.t.noise,))
+        mse = float(F.mse_loss(out.clamp(0, 1), self.t.target))
+        bpp = bits / self.t.pixels
+        return mse + self.t.lmbda * bpp, mse, bpp
+
+    def search(self, exponents: list[int], passes: int = 2) -> list[int]:
+        """Greedy per-tensor coordinate descent over exponents (step 2^-e), real rate."""
+        best = list(exponents)
+        best_cost = self.cost(best)[0]
+        for _ in range(passes):
+            improved = False
+            for i in range(len(best)):
+                for direction in (-1, 1):
+                    while 0 <= best[i] + direction <= MAX_EXPONENT:
+                        trial = best.copy()
+                        trial[i] += direction
+                        c = self.cost(trial)[0]
+                        if c >= best_cost:
+                            break
+                        best, best_cost, improved = trial, c, True
+            if not improved:
+                break
+        return best
+
+    def codes(self, exponents: list[int]) -> tuple[list, list[TensorCode]]:
+        entries = [self.tensor(name, e) for name, e in zip(self.float_params, exponents)]
+        return [q for q, _, _ in entries], [code for _, code, _ in entries]
+
+
+def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None):
+    if not 0 <= quality <= 8:
+        raise ValueError(f"quality must be in 0..8, got {quality}")
+    lam = QUALITY_LAMBDAS[quality] if lmbda is None else float(lmbda)
+    if lam <= 0 or not math.isfinite(lam):
+        raise ValueError(f"lambda must be a positive number, got {lmbda}")
+    if config is None:
+        config = preset(preset_name or QUALITY_PRESETS[quality])
+    return lam, config
+
+
+def encode(
+    image: ImageLike,
+    quality: int = 4,
+    *,
+    preset: str | None = None,
+    lmbda: float | None = None,
+    config: ModelConfig | None = None,
+    iterations: int | None = None,
+    seeds: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    training: TrainingConfig | None = None,
+    verbose: bool = True,
+) -> bytes:
+    """Encode an image into an n2l bitstream.
+
+    quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
+    `lmbda` overrides the lambda. `seeds` > 1 trains that many candidates (noise seeds
+    seed, seed+1, ...) briefly and keeps the best. `verbose` shows a progress bar.
+    """
+    array = load_image(image)
+    lam, cfg = _resolve(quality, preset, lmbda, config)
+    height, width, channels = array.shape
+    cfg = ModelConfig(**{**cfg.to_dict(), "out_channels": channels})
+    tc = training or TrainingConfig()
+    if iterations is not None:
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        tc = TrainingConfig(**{**tc.__dict__, "iterations": iterations})
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    device = torch.device(device)
+    target = to_tensor(array).to(device)
+
+    n_qat = int(tc.iterations * tc.qat_fraction)
+    n_main = tc.iterations - n_qat
+    warmup = max(1, int(n_main * tc.warmup_fraction))
+    n_candidate = min(tc.candidate_iterations, n_main) if seeds > 1 else 0
+    total = n_candidate * seeds + (n_main - n_candidate) + n_qat
+    bar = tqdm(total=total, disable=not verbose, unit="it", desc="n2l encode", dynamic_ncols=True)
+    started = time.perf_counter()
+
+    def report(loss: float, mse: float, bpp: float, it: int) -> None:
+        bar.update(1)
+        if it % 10 == 0:
+            bar.set_postfix(loss=f"{loss:.2e}", psnr=f"{_psnr_from_mse(mse):.2f}", bpp=f"{bpp:.3f}")
+
+    trainers = [_Trainer(cfg, (seed + k) & 0xFFFFFFFF, target, lam, tc) for k in range(seeds)]
+    for trainer in trainers:
+        for it in range(n_candidate):
+            report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
+    trainer = min(trainers, key=lambda t: t.loss)
+    del trainers
+    for it in range(n_candidate, n_main):
+        report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
+
+    # Quantization-aware phase at the learned steps, rounded to powers of two.
+    exponents = [min(MAX_EXPONENT, max(0, round(-float(s)))) for s in trainer.rate.log2_steps]
+    for it in range(n_qat):
+        lr = tc.qat_lr * _lr_factor(it, n_qat, 1)
+        report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)
+
+    bar.set_description("n2l quantize")
+    quantizer = _Quantizer(trainer)
+    exponents = quantizer.search(exponents)
+    qs, codes = quantizer.codes(exponents)
+    header = bitstream.Header(width, height, cfg, trainer.seed, tuple(codes))
+    buf = bitstream.write(header, encode_tensors(qs, codes))
+    _, mse, _ = quantizer.cost(exponents)
+    bar.set_postfix(psnr=f"{_psnr_from_mse(mse):.2f}", bpp=f"{8 * len(buf) / (width * height):.3f}",
+                    time=f"{time.perf_counter() - started:.1f}s")
+    bar.close()
+    return buf
