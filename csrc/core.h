@@ -1,0 +1,61 @@
+// Shared declarations of the n2l C++ CPU decode core.
+//
+// kernels.cpp and noise.cpp are compiled once per instruction-set variant (base, avx2,
+// avx512), each into its own namespace n2l::<variant>; module.cpp picks one at run time.
+// Keep this header free of standard-library templates: an inline template instantiated in
+// an AVX-512 translation unit could be merged by the linker into code that runs on a CPU
+// without AVX-512.
+#pragma once
+#include <cstdint>
+
+namespace n2l {
+
+constexpr int kMaxScales = 12;
+constexpr int kMaxSynth = 9;     // up to 8 hidden 1x1 layers + the output layer
+constexpr int kMaxResidual = 8;
+
+struct Layer {
+  const float* w = nullptr;  // [cout, cin, k, k]
+  const float* b = nullptr;  // [cout]
+  int cin = 0, cout = 0, k = 1;
+};
+
+// One network and image size, plus the whole coarse latents y_s (s >= 1), [C, h_s, w_s] each.
+struct Net {
+  uint32_t seed = 0;
+  int H = 0, W = 0;
+  int M = 0, C = 0, G = 0, Cout = 0;
+  int n_synth = 0, n_res = 0;
+  int hs[kMaxScales] = {}, ws[kMaxScales] = {};
+  Layer gpp0[kMaxScales], gpp1[kMaxScales];
+  Layer synth[kMaxSynth];
+  Layer res[kMaxResidual];
+  float* ys[kMaxScales] = {};  // ys[0] unused: scale 0 is streamed into the synthesis
+};
+
+// The entry points of one instruction-set variant.
+struct Kernels {
+  const char* name;
+  // Noise of (seed, scale, channel, row y) at columns x0 .. x0+n-1 into out[0..n).
+  void (*noise_row)(uint32_t seed, uint32_t scale, uint32_t channel, uint32_t y, uint32_t x0, int n,
+                    float* out);
+  // Latent y_s, rows [r0, r1), into net.ys[s] (needs net.ys[s+1] complete). Returns false if out of memory.
+  bool (*coarse_band)(const Net& net, int s, int r0, int r1);
+  // Pixels of rows [r0, r1) into out ([H, W, Cout] uint8). Needs all net.ys[s >= 1].
+  bool (*fine_band)(const Net& net, int r0, int r1, uint8_t* out);
+};
+
+#define N2L_DECLARE_VARIANT(ns) \
+  namespace ns {                \
+  extern const Kernels kernels; \
+  void noise_row(uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, int, float*); \
+  void quantize_row(const float*, int, int, uint8_t*); \
+  }
+
+N2L_DECLARE_VARIANT(base)
+#if defined(__x86_64__) || defined(_M_X64)
+N2L_DECLARE_VARIANT(avx2)
+N2L_DECLARE_VARIANT(avx512)
+#endif
+
+}  // namespace n2l

@@ -1,0 +1,209 @@
+// Python bindings (nanobind), run-time instruction-set dispatch and threading of the n2l
+// C++ CPU decode core. Compiled with baseline flags: only the variants in kernels.cpp /
+// noise.cpp use AVX2 or AVX-512, and only after the CPU has been checked here.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core.h"
+
+namespace nb = nanobind;
+using n2l::Kernels;
+using n2l::Layer;
+using n2l::Net;
+
+namespace {
+
+using FloatArray = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+
+std::vector<const Kernels*> supported_variants() {
+  std::vector<const Kernels*> v;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  // x86-64-v4 / v3 as compiled (CMakeLists.txt); the checks include OS support of the registers.
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi2"))
+    v.push_back(&n2l::avx512::kernels);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("movbe"))
+    v.push_back(&n2l::avx2::kernels);
+#endif
+  v.push_back(&n2l::base::kernels);
+  return v;
+}
+
+const Kernels* g_active = nullptr;
+
+const Kernels& active() {
+  if (g_active == nullptr) g_active = supported_variants().front();
+  return *g_active;
+}
+
+// Runs fn(task) for task in [0, n_tasks) on up to `threads` threads (the caller included),
+// handing tasks out in order; returns false if any task failed.
+template <class F>
+bool parallel_for(int n_tasks, int threads, F&& fn) {
+  std::atomic<int> next{0};
+  std::atomic<bool> ok{true};
+  auto worker = [&] {
+    for (int t; (t = next.fetch_add(1)) < n_tasks;)
+      if (!fn(t)) ok = false;
+  };
+  const int extra = std::max(0, std::min(threads, n_tasks) - 1);
+  std::vector<std::thread> pool;
+  pool.reserve(extra);
+  for (int i = 0; i < extra; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+  return ok;
+}
+
+Layer to_layer(const FloatArray& w, const FloatArray& b, int cin, int cout, int k, const std::string& name) {
+  if (w.ndim() != 4 || w.shape(0) != static_cast<size_t>(cout) || w.shape(1) != static_cast<size_t>(cin) ||
+      w.shape(2) != static_cast<size_t>(k) || w.shape(3) != static_cast<size_t>(k))
+    throw std::invalid_argument("layer " + name + ": weight shape does not match the config");
+  if (b.ndim() != 1 || b.shape(0) != static_cast<size_t>(cout))
+    throw std::invalid_argument("layer " + name + ": bias shape does not match the config");
+  Layer L;
+  L.w = w.data();
+  L.b = b.data();
+  L.cin = cin;
+  L.cout = cout;
+  L.k = k;
+  return L;
+}
+
+void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, int gpp_kernel_min_scale,
+            const std::vector<int>& synth_hidden, int n_res, int Cout, const std::vector<FloatArray>& weights,
+            const std::vector<FloatArray>& biases, nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu> out,
+            int threads) {
+  if (H < 1 || W < 1) throw std::invalid_argument("height and width must be >= 1");
+  if (M < 1 || M > n2l::kMaxScales || C < 1 || C > 32 || G < 1 || G > 128 || (gpp_kernel != 1 && gpp_kernel != 3) ||
+      synth_hidden.size() > 8 || n_res < 0 || n_res > n2l::kMaxResidual || (Cout != 1 && Cout != 3))
+    throw std::invalid_argument("invalid model config");
+  for (int h : synth_hidden)
+    if (h < 1 || h > 256) throw std::invalid_argument("invalid synth_hidden width");
+  if (out.ndim() != 3 || out.shape(0) != static_cast<size_t>(H) || out.shape(1) != static_cast<size_t>(W) ||
+      out.shape(2) != static_cast<size_t>(Cout))
+    throw std::invalid_argument("output must be a C-contiguous uint8 array [H, W, out_channels]");
+  const size_t n_layers = 2 * M + synth_hidden.size() + 1 + n_res;
+  if (weights.size() != n_layers || biases.size() != n_layers)
+    throw std::invalid_argument("expected " + std::to_string(n_layers) + " weight and bias arrays");
+
+  Net net;
+  net.seed = seed;
+  net.H = H;
+  net.W = W;
+  net.M = M;
+  net.C = C;
+  net.G = G;
+  net.Cout = Cout;
+  net.n_synth = static_cast<int>(synth_hidden.size()) + 1;
+  net.n_res = n_res;
+  size_t li = 0;
+  for (int s = M - 1; s >= 0; --s) {  // bitstream order, ModelConfig.layer_shapes()
+    net.hs[s] = static_cast<int>((static_cast<int64_t>(H) + (1 << s) - 1) >> s);
+    net.ws[s] = static_cast<int>((static_cast<int64_t>(W) + (1 << s) - 1) >> s);
+    const int k = s >= gpp_kernel_min_scale ? gpp_kernel : 1;
+    const int cin = s == M - 1 ? C : 2 * C;
+    net.gpp0[s] = to_layer(weights[li], biases[li], cin, G, k, "gpp." + std::to_string(s) + ".0");
+    ++li;
+    net.gpp1[s] = to_layer(weights[li], biases[li], G, 2 * C, 1, "gpp." + std::to_string(s) + ".1");
+    ++li;
+  }
+  std::vector<int> widths{M * C};
+  widths.insert(widths.end(), synth_hidden.begin(), synth_hidden.end());
+  widths.push_back(Cout);
+  for (int i = 0; i < net.n_synth; ++i, ++li)
+    net.synth[i] = to_layer(weights[li], biases[li], widths[i], widths[i + 1], 1, "synth." + std::to_string(i));
+  for (int r = 0; r < n_res; ++r, ++li)
+    net.res[r] = to_layer(weights[li], biases[li], Cout, Cout, 3, "synth_res." + std::to_string(r));
+
+  std::vector<std::vector<float>> ys(M);
+  for (int s = 1; s < M; ++s) {
+    ys[s].resize(static_cast<size_t>(C) * net.hs[s] * net.ws[s]);
+    net.ys[s] = ys[s].data();
+  }
+  const Kernels& k = active();
+  uint8_t* pixels = out.data();
+  threads = std::max(1, threads);
+  bool ok = true;
+  {
+    nb::gil_scoped_release release;
+    // Coarse latents, coarsest first (each needs the next coarser one complete), in bands of
+    // rows. The split depends only on the size, never on the thread count, and every row is
+    // computed the same way in any band, so the pixels do not depend on `threads`.
+    for (int s = M - 1; s >= 1 && ok; --s) {
+      const int rows = std::max(8, static_cast<int>(65536 / std::max(1, net.ws[s])));
+      const int n_bands = (net.hs[s] + rows - 1) / rows;
+      ok = parallel_for(n_bands, threads, [&](int b) {
+        return k.coarse_band(net, s, b * rows, std::min(net.hs[s], (b + 1) * rows));
+      });
+    }
+    // Full resolution: scale-0 GPP, upsampling, synthesis and residual layers, streamed per
+    // band of 32 rows (the halo of the 3x3 layers is recomputed at band edges only).
+    constexpr int kBand = 32;
+    const int n_bands = (H + kBand - 1) / kBand;
+    if (ok)
+      ok = parallel_for(n_bands, threads,
+                        [&](int b) { return k.fine_band(net, b * kBand, std::min(H, (b + 1) * kBand), pixels); });
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+void noise_into(uint32_t seed, uint32_t scale, uint32_t y0, uint32_t x0,
+                nb::ndarray<float, nb::ndim<3>, nb::c_contig, nb::device::cpu> out) {
+  const size_t channels = out.shape(0), h = out.shape(1), w = out.shape(2);
+  float* d = out.data();
+  const Kernels& k = active();
+  nb::gil_scoped_release release;
+  for (size_t c = 0; c < channels; ++c)
+    for (size_t y = 0; y < h; ++y)
+      k.noise_row(seed, scale, static_cast<uint32_t>(c), y0 + static_cast<uint32_t>(y), x0, static_cast<int>(w),
+                  d + (c * h + y) * w);
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "n2l C++ CPU decode core (see n2l/cpu.py for the Python API)";
+  m.def("decode", &decode, nb::arg("seed"), nb::arg("height"), nb::arg("width"), nb::arg("n_scales"),
+        nb::arg("latent_channels"), nb::arg("gpp_hidden"), nb::arg("gpp_kernel"), nb::arg("gpp_kernel_min_scale"),
+        nb::arg("synth_hidden"), nb::arg("synth_residual"), nb::arg("out_channels"), nb::arg("weights"),
+        nb::arg("biases"), nb::arg("out"), nb::arg("threads"),
+        "Decode into out ([H, W, out_channels] uint8); weights and biases in bitstream order.");
+  m.def("noise_into", &noise_into, nb::arg("seed"), nb::arg("scale"), nb::arg("y0"), nb::arg("x0"), nb::arg("out"),
+        "Fill out ([channels, h, w] float32) with the noise of one scale at window origin (y0, x0).");
+  m.def(
+      "isa", [] { return std::string(active().name); }, "The instruction-set variant in use.");
+  m.def(
+      "supported_isas",
+      [] {
+        std::vector<std::string> names;
+        for (const Kernels* k : supported_variants()) names.emplace_back(k->name);
+        return names;
+      },
+      "Variants this CPU can run, best first.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        for (const Kernels* k : supported_variants())
+          if (name == k->name) {
+            g_active = k;
+            return;
+          }
+        throw std::invalid_argument("instruction set '" + name + "' is not supported on this CPU");
+      },
+      nb::arg("name"), "Force a variant (for tests and benchmarks).");
+}
