@@ -295,7 +295,10 @@ class N2LCodec:
         self.backend = backend
         self._kwargs = {"preset": preset, "iterations": iterations, "lmbda": lmbda, "seeds": seeds}
         # Everything that changes the bitstream; the device is recorded per row but not keyed.
-        self.settings = {**self._kwargs, "n2l_version": getattr(n2l, "__version__", "unknown")}
+        training = getattr(n2l, "TrainingConfig", None)
+        training_defaults = dict(vars(training())) if training is not None else {}
+        self.settings = {**self._kwargs, "training_defaults": training_defaults,
+                         "n2l_version": getattr(n2l, "__version__", "unknown")}
         self.versions = {"n2l": str(getattr(n2l, "__version__", "unknown")), "torch": _torch_version()}
 
     def encode(self, img: np.ndarray, quality: float) -> bytes:
