@@ -1,0 +1,191 @@
+"""The C++ CPU decode core (n2l._core via n2l.cpu) against the torch reference."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from n2l import cpu
+from n2l.model import PRESETS, ModelConfig, N2LModel, to_uint8
+from n2l.noise import noise_block, noise_pyramid, scale_shape
+
+pytestmark = pytest.mark.skipif(
+    cpu.unavailable_reason() is not None, reason=f"C++ core not built: {cpu.unavailable_reason()}"
+)
+
+SIZES = [(1, 1), (7, 13), (65, 33), (256, 256)]
+
+
+def random_model(cfg: ModelConfig, seed: int) -> N2LModel:
+    """Random weights scaled to unit gain, so latents stay O(1) and pixels span [0, 1] unclamped."""
+    gen = torch.Generator().manual_seed(seed)
+    model = N2LModel(cfg)
+    last_synth = f"synth.{len(cfg.synth_hidden)}"
+    with torch.no_grad():
+        for name, conv in model.named_layers():
+            fan_in = conv.weight[0].numel()
+            gain = 0.3 if name.startswith("synth_res") else 1.0
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * gain / fan_in**0.5)
+            conv.bias.copy_(torch.rand(conv.bias.shape, generator=gen) * 0.2 - 0.1)
+            if name == last_synth:  # centre the output in [0, 1] with a spread of ~0.3
+                conv.weight.mul_(0.15)
+                conv.bias.fill_(0.5)
+    return model
+
+
+def random_config(rng: random.Random) -> ModelConfig:
+    return ModelConfig(
+        n_scales=rng.randint(1, 7),
+        latent_channels=rng.randint(1, 6),
+        gpp_hidden=rng.randint(1, 20),
+        gpp_kernel=rng.choice([1, 3]),
+        gpp_kernel_min_scale=rng.randint(0, 3),
+        synth_hidden=tuple(rng.randint(1, 24) for _ in range(rng.randint(0, 2))),
+        synth_residual=rng.randint(0, 2),
+        out_channels=rng.choice([1, 3]),
+    )
+
+
+def reference(model: N2LModel, seed: int, height: int, width: int, torch_noise: bool = False) -> np.ndarray:
+    """The torch network's pixels. The noise comes from the C++ generator unless torch_noise:
+    it is bit-identical (test_noise_*), and n2l.noise in int64 torch ops costs seconds."""
+    cfg = model.config
+    if torch_noise:
+        noise = model.noise(seed, height, width)
+    else:
+        noise = [
+            torch.from_numpy(cpu.noise_block(seed, s, cfg.latent_channels, 0, 0, *scale_shape(height, width, s)))[None]
+            for s in range(cfg.n_scales)
+        ]
+    with torch.inference_mode():
+        return to_uint8(model(noise)).numpy()
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray) -> None:
+    """Within one level everywhere, and off by one on at most 0.1% of the values (at least 1)."""
+    assert out.shape == ref.shape and out.dtype == np.uint8
+    diff = np.abs(out.astype(np.int16) - ref.astype(np.int16))
+    assert diff.max() <= 1, f"max difference {diff.max()}"
+    assert np.count_nonzero(diff) <= max(1, ref.size // 1000), f"{np.count_nonzero(diff)} values differ"
+
+
+@pytest.fixture
+def each_isa():
+    """Iterate over every instruction-set variant this CPU runs (avx512, avx2, base)."""
+    default = cpu.isa()
+
+    def variants():
+        for name in cpu.supported_isas():
+            cpu.set_isa(name)
+            yield name
+
+    yield variants
+    cpu.set_isa(default)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_random_configs_match_torch(case: int, each_isa) -> None:
+    rng = random.Random(1000 + case)
+    cfg = random_config(rng)
+    # Make sure the edge cases are covered whatever the draws: both kernels, 0..2 residual
+    # layers, grey and RGB.
+    cfg = ModelConfig(**{
+        **cfg.to_dict(),
+        "gpp_kernel": (1, 3)[case % 2],
+        "synth_residual": case % 3,
+        "out_channels": (1, 3)[(case // 2) % 2],
+    })
+    model = random_model(cfg, seed=case)
+    for height, width in SIZES:
+        seed = rng.randrange(2**32)
+        ref = reference(model, seed, height, width)
+        if height * width > 100:
+            assert len(np.unique(ref)) > 20, "test weights should not saturate the output"
+        for isa in each_isa():
+            assert_close(cpu.decode_cpu(model, seed, height, width, threads=2), ref)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_match_torch_end_to_end(name: str, each_isa) -> None:
+    """Everything from the torch reference, its own noise generator included."""
+    model = random_model(PRESETS[name], seed=7)
+    ref = reference(model, 12345, 37, 70, torch_noise=True)
+    for isa in each_isa():
+        assert_close(cpu.decode_cpu(model, 12345, 37, 70), ref)
+
+
+def test_thread_counts_give_identical_pixels() -> None:
+    cfg = ModelConfig(gpp_kernel_min_scale=0, synth_residual=2, synth_hidden=(12, 8))
+    model = random_model(cfg, seed=3)
+    # 300 rows: several 32-row bands at full resolution and several bands at the coarse scales.
+    one = cpu.decode_cpu(model, 99, 300, 257, threads=1)
+    for threads in (2, 3, None):
+        np.testing.assert_array_equal(cpu.decode_cpu(model, 99, 300, 257, threads=threads), one)
+    assert_close(one, reference(model, 99, 300, 257))
+
+
+def test_noise_pyramid_bit_identical(each_isa) -> None:
+    ref = noise_pyramid(77, 45, 67, n_scales=7, channels=3)
+    for isa in each_isa():
+        for s, z in enumerate(ref):
+            out = cpu.noise_block(77, s, 3, 0, 0, *z.shape[-2:])
+            np.testing.assert_array_equal(out.view(np.uint32), z.numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize(
+    "seed, scale, channels, y0, x0, height, width",
+    [(0, 0, 1, 0, 0, 1, 1), (123, 2, 3, 5, 7, 9, 40), (2**32 - 1, 11, 4, 1000, 2000, 3, 77), (7, 0, 2, 0, 0, 33, 65)],
+)
+def test_noise_bit_identical(seed, scale, channels, y0, x0, height, width, each_isa) -> None:
+    ref = noise_block(seed, scale, channels, y0, x0, height, width).numpy()
+    for isa in each_isa():
+        out = cpu.noise_block(seed, scale, channels, y0, x0, height, width)
+        assert out.dtype == np.float32 and out.shape == ref.shape
+        np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def test_seed_is_taken_modulo_2_32() -> None:
+    a = cpu.noise_block(-1, 0, 1, 0, 0, 2, 3)
+    np.testing.assert_array_equal(a, cpu.noise_block(2**32 - 1, 0, 1, 0, 0, 2, 3))
+
+
+def test_bad_weights_are_rejected() -> None:
+    model = random_model(PRESETS["fast"], seed=0)
+    with torch.no_grad():
+        model.layer("synth.0").weight = torch.nn.Parameter(torch.zeros(8, 3, 1, 1))
+    with pytest.raises(ValueError, match="synth.0"):
+        cpu.decode_cpu(model, 0, 8, 8)
+
+
+def test_decoder_backend_dispatch() -> None:
+    from n2l.decoder import reconstruct, resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    model = random_model(PRESETS["fast"], seed=1)
+    assert_close(reconstruct(model, 5, 40, 50, backend="cpu", threads=1), reference(model, 5, 40, 50))
+
+
+def test_package_works_without_the_extension(tmp_path) -> None:
+    """With n2l._core unimportable, n2l.cpu reports why (one warning) and decoding falls back to torch."""
+    code = """
+import sys, warnings
+sys.modules["n2l._core"] = None  # makes `from . import _core` raise ImportError
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from n2l import cpu
+    from n2l.decoder import backend_available, resolve_backend
+    import torch
+    assert cpu.unavailable_reason() and "n2l._core" in cpu.unavailable_reason()
+    assert cpu.unavailable_reason()
+    assert not backend_available("cpu")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+assert sum("C++ CPU core unavailable" in str(w.message) for w in caught) == 1, caught
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
