@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -142,7 +143,6 @@ def test_unavailable_codec_is_skipped_with_warning(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="avif is unavailable"):
         codecs, skipped = classical_codecs(["jpeg420", "avif"])
     assert [c.name for c in codecs] == ["jpeg420"] and "no such library" in skipped["avif"]
-    import argparse
 
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
@@ -218,3 +218,14 @@ def test_published_anchors_when_present():
         vtm = next(a for a in anchors if a.name.startswith("VTM"))
         table, _ = published_bd_table({"bpp": vtm.bpp, "psnr": vtm.psnr, "psnr_of_mean_mse": vtm.psnr}, [vtm])
     assert table[0]["bd_rate_pct"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_quality_parsing_and_bad_arguments(tmp_path):
+    from n2l.evaluate import _qualities
+
+    assert _qualities(["0,2", "4"]) == [0, 2, 4] and _qualities(["0-8"]) == list(range(9))
+    with pytest.raises(argparse.ArgumentTypeError):
+        _qualities(["9"])
+    assert main([str(IMAGES[0]), "--qualities", "12", "-o", str(tmp_path), "-q"]) == 2
+    assert main([str(IMAGES[0]), "--preset", "nope", "-o", str(tmp_path), "-q"]) == 2
+    assert main([str(IMAGES[0]), "--codecs", "bmp", "-o", str(tmp_path), "-q"]) == 2

@@ -181,6 +181,12 @@ def run_eval(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"n2l eval: {e}", file=sys.stderr)
         return 2
+    if args.preset is not None:
+        from ..model import PRESETS
+
+        if args.preset not in PRESETS:
+            print(f"n2l eval: unknown preset {args.preset!r}; choose from {sorted(PRESETS)}", file=sys.stderr)
+            return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         classical, skipped = classical_codecs(names)

@@ -61,7 +61,7 @@ def load_images(paths: Sequence[str | Path], crop: int | None = None) -> list[Ev
     for p in paths:
         p = Path(p)
         with Image.open(p) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = np.array(im.convert("RGB"), dtype=np.uint8)  # writable copy
         src = (int(arr.shape[1]), int(arr.shape[0]))
         if crop:
             arr = center_crop(arr, crop)
@@ -223,7 +223,9 @@ def run_jobs(
 
     outdir.mkdir(parents=True, exist_ok=True)
     cache = ResultCache(outdir / CACHE_NAME)
-    jobs = [(img, c, q) for c in codecs for img in images for q in c.qualities]
+    # Fast classical codecs first, n2l (slow to encode) last: partial runs already hold the anchors.
+    ordered = sorted(codecs, key=lambda c: c.name == "n2l")
+    jobs = [(img, c, q) for c in ordered for img in images for q in c.qualities]
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs), disable=quiet, desc="eval", unit="pt", file=sys.stderr, dynamic_ncols=True)
     n_cached = 0
