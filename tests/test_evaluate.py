@@ -70,6 +70,7 @@ def _check_outputs(out: Path, codec_names: list[str], n_rows: int) -> None:
     summary = (out / "summary.md").read_text()
     assert "BD-rate" in summary and "PSNR (mean MSE)" in summary and "not the full uncropped Kodak" in summary
     assert (out / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(_read_tsv(out / "bd_rate_per_image.tsv")) == len(bd["per_image"])
 
 
 def test_evaluate_standin_files_schema_and_resume(tmp_path):

@@ -29,6 +29,7 @@ from .report import (
     plot_rd,
     published_bd_table,
     summary_markdown,
+    write_bd_tsv,
     write_compressai_json,
     write_tsv,
 )
@@ -122,6 +123,7 @@ def evaluate(
                               jdir / f"{c.name}.json")
     bd_doc = {"reference": REFERENCE, "dataset": dataset_bd, "per_image": per_image_bd,
               "published": published, "notes": notes}
+    write_bd_tsv(per_image_bd, outdir / "bd_rate_per_image.tsv")
     (outdir / "bd_rate.json").write_text(json.dumps(_jsonable(bd_doc), indent=2) + "\n")
     (outdir / "run.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
     title = f"{len(images)} image(s)" + (f", center {crop}x{crop}" if crop else "")

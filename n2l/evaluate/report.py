@@ -33,6 +33,15 @@ def write_tsv(rows: Sequence[dict[str, Any]], path: Path) -> None:
                         for k in ROW_FIELDS])
 
 
+def write_bd_tsv(per_image: Sequence[dict[str, Any]], path: Path) -> None:
+    """Per-image BD-rate / BD-PSNR of n2l against each codec."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["image", "anchor", "bd_rate_pct", "bd_psnr_db", "note"])
+        for d in per_image:
+            w.writerow([d["image"], d["anchor"], f"{d['bd_rate_pct']:.4f}", f"{d['bd_psnr_db']:.4f}", d["note"]])
+
+
 def dataset_curve(rows: Sequence[dict[str, Any]], image_names: Sequence[str]) -> dict[str, list]:
     """Averages over images at each quality setting; only settings measured on every image.
 
@@ -85,6 +94,15 @@ def _bd(anchor_r, anchor_p, test_r, test_p, notes: list[str], what: str, emit: b
     return r, p
 
 
+def _overlap(ref: Sequence[float], other: Sequence[float]) -> float:
+    """Fraction of the PSNR range of `ref` that `other` also covers (where BD-rate is measured)."""
+    r = [x for x in ref if _finite(x)]
+    o = [x for x in other if _finite(x)]
+    if len(r) < 2 or len(o) < 2 or max(r) <= min(r):
+        return math.nan
+    return max(0.0, min(max(r), max(o)) - max(min(r), min(o))) / (max(r) - min(r))
+
+
 def bd_tables(
     rows: Sequence[dict[str, Any]], curves: dict[str, dict[str, list]], image_names: Sequence[str]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
@@ -129,6 +147,7 @@ def bd_tables(
             "bd_psnr_db_psnr_of_mean_mse": p_mse,
             "mean_of_per_image_bd_rate_pct": float(np.mean(finite)) if finite else math.nan,
             "images_with_bd_rate": len(finite),
+            "psnr_overlap_fraction": _overlap(ref["psnr"], cur["psnr"]),
             "anchor_bpp_range": [min(cur["bpp"], default=math.nan), max(cur["bpp"], default=math.nan)],
             "anchor_psnr_range": [min(cur["psnr"], default=math.nan), max(cur["psnr"], default=math.nan)],
         })
@@ -244,14 +263,15 @@ def summary_markdown(info: dict[str, Any], curves: dict[str, dict[str, list]], d
     if dataset_bd:
         L += ["## BD-rate of n2l against codecs measured in this run", "",
               "| anchor | BD-rate (mean PSNR) | BD-PSNR (mean PSNR) | BD-rate (PSNR of mean MSE) | "
-              "mean of per-image BD-rate | images with BD | anchor bpp range |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+              "mean of per-image BD-rate | images with BD | n2l PSNR range covered | anchor bpp range |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
         for d in dataset_bd:
             lo, hi = d["anchor_bpp_range"]
             L.append(f"| {d['anchor']} | {_f(d['bd_rate_pct_mean_psnr'], '+.1f', '%')} | "
                      f"{_f(d['bd_psnr_db_mean_psnr'], '+.2f', ' dB')} | "
                      f"{_f(d['bd_rate_pct_psnr_of_mean_mse'], '+.1f', '%')} | "
                      f"{_f(d['mean_of_per_image_bd_rate_pct'], '+.1f', '%')} | {d['images_with_bd_rate']}/{info['n_images']} | "
+                     f"{_f(100 * d['psnr_overlap_fraction'], '.0f', '%')} | "
                      f"{_f(lo, '.3f')}-{_f(hi, '.3f')} |")
         L.append("")
     L.append("## Published anchors (Kodak)")
@@ -283,6 +303,6 @@ def summary_markdown(info: dict[str, Any], curves: dict[str, dict[str, list]], d
         L += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
     L += ["## Files", "", "- `results.tsv`: one row per image, codec and quality",
           "- `json/<codec>.json`: dataset averages, CompressAI results schema",
-          "- `bd_rate.json`: per-image and dataset BD-rates", "- `rd.png`: RD plot",
+          "- `bd_rate.json`: per-image and dataset BD-rates; `bd_rate_per_image.tsv`: the per-image ones", "- `rd.png`: RD plot",
           "- `run.json`: versions, settings, images", "- `cache.jsonl`: resumable measurement cache", ""]
     return "\n".join(L)
