@@ -112,7 +112,7 @@ class _Trainer:
         torch.nn.utils.clip_grad_norm_(self.params.values(), self.tc.grad_clip)
         self.opt.step()
         self.loss = float(loss.detach())
-        return self.loss, float(mse), float(bpp)
+        return self.loss, float(mse.detach()), float(bpp.detach())
 
 
 def _straight_through(params: dict[str, torch.Tensor], exponents: list[int]) -> dict[str, torch.Tensor]:
@@ -153,15 +153,19 @@ class _Quantizer:
         bpp = bits / self.t.pixels
         return mse + self.t.lmbda * bpp, mse, bpp
 
-    def search(self, exponents: list[int], passes: int = 2) -> list[int]:
-        """Greedy per-tensor coordinate descent over exponents (step 2^-e), real rate."""
+    def search(self, exponents: list[int], passes: int = 2, reach: int = 3) -> list[int]:
+        """Greedy per-tensor coordinate descent over exponents (step 2^-e), real rate.
+
+        Each tensor's exponent moves up to `reach` steps either way per pass."""
         best = list(exponents)
         best_cost = self.cost(best)[0]
         for _ in range(passes):
             improved = False
             for i in range(len(best)):
                 for direction in (-1, 1):
-                    while 0 <= best[i] + direction <= MAX_EXPONENT:
+                    for _ in range(reach):
+                        if not 0 <= best[i] + direction <= MAX_EXPONENT:
+                            break
                         trial = best.copy()
                         trial[i] += direction
                         c = self.cost(trial)[0]
@@ -245,7 +249,7 @@ def encode(
         report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
 
     # Quantization-aware phase at the learned steps, rounded to powers of two.
-    exponents = [min(MAX_EXPONENT, max(0, round(-float(s)))) for s in trainer.rate.log2_steps]
+    exponents = [min(MAX_EXPONENT, max(0, round(-float(s)))) for s in trainer.rate.log2_steps.detach()]
     for it in range(n_qat):
         lr = tc.qat_lr * _lr_factor(it, n_qat, 1)
         report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)

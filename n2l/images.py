@@ -78,7 +78,7 @@ def load_image(image: ImageLike) -> np.ndarray:
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, C] -> float32 [1, C, H, W] in [0, 1]."""
-    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+    return torch.from_numpy(np.array(array)).permute(2, 0, 1)[None].float() / 255
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -138,27 +138,17 @@ def preset(name: str, **overrides) -> ModelConfig:
     return replace(PRESETS[name], **overrides)
 
 
-def _axis_taps(n_in: int, n_out: int, factor: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear taps along one axis: out[i] = (1 - w[i]) * in[i0[i]] + w[i] * in[i1[i]]."""
-    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) / factor - 0.5).clamp_min(0)
-    i0 = src.floor().long().clamp_max(n_in - 1)
-    i1 = (i0 + 1).clamp_max(n_in - 1)
-    return i0, i1, src - i0.to(torch.float32)
-
-
 def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
     """Bilinear upsampling of [B, C, h, w] by an integer factor, cropped to [B, C, height, width].
 
-    Source coordinate of output index i: max(0, (i + 0.5) / factor - 0.5); the two taps
-    are floor(src) and floor(src) + 1, both clamped to the last input index. With a power-of-two
-    factor every coordinate and weight is exact in float32.
+    Source coordinate of output index i: max(0, (i + 0.5) / factor - 0.5); the two taps are
+    floor(src) and floor(src) + 1, both clamped to the last input index (torch's bilinear with
+    align_corners=False and an explicit scale factor). With a power-of-two factor every
+    coordinate and weight is exact in float32.
     """
-    if factor == 1:
-        return x[..., :height, :width]
-    i0, i1, wy = _axis_taps(x.shape[-2], height, factor, x.device)
-    x = x[..., i0, :] * (1 - wy)[:, None] + x[..., i1, :] * wy[:, None]
-    j0, j1, wx = _axis_taps(x.shape[-1], width, factor, x.device)
-    return x[..., j0] * (1 - wx) + x[..., j1] * wx
+    if factor > 1:
+        x = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    return x[..., :height, :width]
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

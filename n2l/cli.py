@@ -1,0 +1,154 @@
+"""Command line: n2l encode | decode | info | eval | demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import bitstream, decoder
+from .encoder import QUALITY_LAMBDAS, encode
+from .images import ImageError, atomic_write, load_image, psnr, save_image
+from .model import PRESETS
+
+SAMPLE_IMAGE = Path(__file__).parent / "data" / "sample.png"
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ImageError(f"cannot read {path!r}: {e.strerror}") from None
+
+
+def _encode_and_report(image, args: argparse.Namespace) -> tuple[bytes, np.ndarray]:
+    """Encode, decode back with the reference, and print bpp, PSNR and time."""
+    original = load_image(image)
+    started = time.perf_counter()
+    buf = encode(
+        original, quality=args.quality, preset=args.preset, lmbda=args.lmbda, iterations=args.iterations,
+        seeds=args.seeds, device=args.device, verbose=not args.quiet,
+    )
+    elapsed = time.perf_counter() - started
+    decoded = decoder.decode(buf, device=args.device)
+    header = bitstream.read_header(buf)
+    print(f"{header.width}x{header.height}: {len(buf)} bytes, {header.bpp:.4f} bpp, "
+          f"PSNR {psnr(decoded, original):.2f} dB, encoded in {elapsed:.1f} s "
+          f"({header.config.macs_per_pixel(header.height, header.width):.0f} MAC/pixel)")
+    return buf, decoded
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    buf, _ = _encode_and_report(args.input, args)
+    atomic_write(args.output, buf)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    pixels = decoder.decode(_read_bytes(args.input), device=args.device, backend=args.backend,
+                            threads=args.threads)
+    save_image(pixels, args.output)
+    if not args.quiet:
+        print(f"decoded {pixels.shape[1]}x{pixels.shape[0]} in {time.perf_counter() - started:.3f} s "
+              f"-> {args.output}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    header = bitstream.read_header(_read_bytes(args.input))
+    cfg = header.config
+    print(f"size:     {header.width}x{header.height}, {'RGB' if header.channels == 3 else 'grayscale'}")
+    print(f"bytes:    {header.n_bytes} ({header.bpp:.4f} bpp)")
+    print(f"seed:     {header.seed}")
+    print(f"network:  {cfg.summary()}")
+    print(f"decode:   {cfg.macs_per_pixel(header.height, header.width):.1f} MAC/pixel at this size")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Encode and decode the bundled sample image (or a given one) and print bpp/PSNR."""
+    image = args.input or SAMPLE_IMAGE
+    buf, decoded = _encode_and_report(image, args)
+    if args.output:
+        atomic_write(args.output, buf)
+        save_image(decoded, Path(args.output).with_suffix(".png"))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    return evaluate.run_eval(args)
+
+
+def _add_encode_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quality", "-q", type=int, default=4, choices=range(9), metavar="Q",
+                   help="0 (smallest) .. 8 (best); picks lambda and, without --preset, the architecture")
+    p.add_argument("--lambda", dest="lmbda", type=float, default=None,
+                   help=f"rate-distortion lambda, overrides --quality's ({QUALITY_LAMBDAS[0]:.0e}.."
+                        f"{QUALITY_LAMBDAS[-1]:.0e})")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture (decode cost)")
+    p.add_argument("--iterations", "-n", type=int, default=None, help="training iterations (default 2000)")
+    p.add_argument("--seeds", type=int, default=1, help="noise seeds to try, keeping the best")
+    p.add_argument("--device", default="cpu", help="torch device for encoding (cpu, cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="n2l", description="n2l: overfitted image codec, no latent codes")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("encode", help="encode an image into an .n2l bitstream")
+    p.add_argument("input", help="image file (PNG, PPM, JPEG, ...)")
+    p.add_argument("-o", "--output", required=True, help="output .n2l file")
+    _add_encode_options(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode an .n2l bitstream to an image")
+    p.add_argument("input", help=".n2l file")
+    p.add_argument("-o", "--output", required=True, help="output image (format from extension; PNG default)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=decoder.BACKENDS)
+    p.add_argument("--threads", type=int, default=None, help="threads of the C++ core")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("info", help="print the header of an .n2l bitstream")
+    p.add_argument("input", help=".n2l file")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="encode + decode the bundled sample image, print bpp and PSNR")
+    p.add_argument("input", nargs="?", default=None, help="image (default: bundled 128x128 Kodak crop)")
+    p.add_argument("-o", "--output", default=None, help="also write the .n2l (and decoded .png)")
+    _add_encode_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="rate-distortion evaluation against classical codecs")
+    try:
+        from . import evaluate
+
+        evaluate.add_eval_arguments(p)
+    except (ImportError, AttributeError):  # evaluation extras not installed
+        pass
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError) as e:  # FormatError and ImageError are ValueErrors
+        print(f"n2l {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"n2l {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Shared fixtures: small committed Kodak crops and one encoded stream reused across tests."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import n2l
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def crop64() -> np.ndarray:
+    """Centre 64x64 crop of kodim15 (uint8 [64, 64, 3])."""
+    return np.asarray(Image.open(DATA / "kodim15_64.png").convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def encoded64(crop64) -> bytes:
+    """crop64 encoded at the default quality with a short schedule."""
+    return n2l.encode(crop64, quality=4, iterations=400, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_stream() -> bytes:
+    """A very small valid stream (12x10 RGB, fast preset) for exhaustive corruption tests."""
+    rng = np.random.default_rng(0)
+    img = (rng.random((10, 12, 3)) * 255).astype(np.uint8)
+    return n2l.encode(img, quality=0, iterations=20, verbose=False)

@@ -1,0 +1,111 @@
+"""Bitstream: golden file, round trip, and bad input of every kind -> FormatError only."""
+
+import hashlib
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import n2l
+from n2l import bitstream
+from n2l.bitstream import FormatError
+
+GOLDEN = Path(__file__).parent / "data" / "golden.n2l"
+
+
+def test_header_round_trip(tiny_stream):
+    header, payload = bitstream.read(tiny_stream)
+    assert (header.width, header.height, header.channels) == (12, 10, 3)
+    assert header.config == n2l.preset("fast", out_channels=3)
+    assert header.n_bytes == len(tiny_stream)
+    assert bitstream.write(header, payload) == tiny_stream
+    assert header.bpp == pytest.approx(8 * len(tiny_stream) / 120)
+
+
+def test_golden_file():
+    """A committed stream must keep parsing, re-serializing and decoding to the same pixels."""
+    buf = GOLDEN.read_bytes()
+    header, payload = bitstream.read(buf)
+    assert (header.width, header.height, header.seed) == (16, 16, 0)
+    assert bitstream.write(header, payload) == buf
+    pixels = n2l.decode(buf, device="cpu", backend="torch")
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == (GOLDEN.with_suffix(".sha256")).read_text().split()[0]
+
+
+def _decode_or_format_error(buf: bytes) -> None:
+    try:
+        n2l.decode(buf, device="cpu", backend="torch")
+    except FormatError:
+        pass
+
+
+def test_every_truncation_is_a_format_error(tiny_stream):
+    for n in range(len(tiny_stream)):
+        with pytest.raises(FormatError):
+            n2l.decode(tiny_stream[:n], device="cpu", backend="torch")
+
+
+def test_random_bit_flips_are_caught(tiny_stream):
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        buf = bytearray(tiny_stream)
+        pos = int(rng.integers(len(buf)))
+        buf[pos] ^= 1 << int(rng.integers(8))
+        with pytest.raises(FormatError):
+            n2l.decode(bytes(buf), device="cpu", backend="torch")
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_corrupted_payload_with_valid_crc_never_crashes(tiny_stream):
+    """An adversary can fix the CRC: the decoder must still fail cleanly or decode something."""
+    rng = np.random.default_rng(2)
+    body = tiny_stream[:-4]
+    header, payload = bitstream.read(tiny_stream)
+    start = len(body) - len(payload)
+    for _ in range(30):
+        junk = rng.integers(0, 256, len(payload), dtype=np.uint8).tobytes()
+        _decode_or_format_error(_with_crc(body[:start] + junk))
+    for n in range(0, len(payload), 4):  # shortened payload, consistent length field
+        shortened = body[: start - 4] + struct.pack("<I", n) + payload[:n]
+        _decode_or_format_error(_with_crc(shortened))
+
+
+@pytest.mark.parametrize(
+    "offset,value,message",
+    [
+        (0, b"X", "magic"),
+        (3, b"\x02", "version"),
+        (4, b"\x00\x00", "size"),  # width 0
+        (6, b"\xff\xff", "size"),  # height 65535
+        (8, b"\x02", "channel"),
+        (9, b"\x00", "n_scales"),
+        (12, b"\x05", "gpp_kernel"),
+        (15, b"\x09", "hidden"),
+    ],
+)
+def test_bad_header_fields(tiny_stream, offset, value, message):
+    body = bytearray(tiny_stream[:-4])
+    body[offset : offset + len(value)] = value
+    with pytest.raises(FormatError, match=message):
+        bitstream.read(_with_crc(bytes(body)))
+
+
+def test_absurd_dimensions_rejected_before_allocation(tiny_stream):
+    body = bytearray(tiny_stream[:-4])
+    body[4:8] = struct.pack("<HH", 32768, 32768)  # 1 Gpixel: above MAX_PIXELS
+    with pytest.raises(FormatError, match="exceeds"):
+        bitstream.read(_with_crc(bytes(body)))
+
+
+def test_trailing_garbage_and_wrong_types(tiny_stream):
+    with pytest.raises(FormatError):
+        bitstream.read(tiny_stream + b"\x00")
+    with pytest.raises(FormatError):
+        bitstream.read(b"")
+    with pytest.raises(TypeError):
+        bitstream.read("N2L")  # type: ignore[arg-type]
