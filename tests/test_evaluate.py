@@ -23,6 +23,12 @@ from n2l.evaluate.runner import ROW_FIELDS, center_crop, ms_ssim_rgb, psnr_mse
 
 DATA = Path(__file__).parent / "data"
 IMAGES = [DATA / "eval_kodim05_32.png", DATA / "eval_kodim23_32.png"]
+try:
+    import matplotlib  # noqa: F401
+
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
 SCHEMA_KEYS = {"bpp", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time"}
 
 
@@ -69,7 +75,8 @@ def _check_outputs(out: Path, codec_names: list[str], n_rows: int) -> None:
     assert set(run["codecs"]) == set(codec_names) and run["n_images"] == len(IMAGES)
     summary = (out / "summary.md").read_text()
     assert "BD-rate" in summary and "PSNR (mean MSE)" in summary and "not the full uncropped Kodak" in summary
-    assert (out / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if HAVE_MATPLOTLIB:
+        assert (out / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(_read_tsv(out / "bd_rate_per_image.tsv")) == len(bd["per_image"])
 
 
@@ -169,9 +176,14 @@ def test_metrics_and_crop():
     assert mse == pytest.approx(np.mean((a.astype(float) - b) ** 2))
     assert psnr == pytest.approx(10 * math.log10(255**2 / mse))
     assert psnr_mse(a, a)[0] == math.inf
-    value, note = ms_ssim_rgb(a, b)
-    assert 0.9 < value < 1 and note == ""
-    assert ms_ssim_rgb(a, a)[0] == pytest.approx(1.0, abs=1e-5)
+    try:
+        import pytorch_msssim  # noqa: F401
+    except ImportError:
+        assert math.isnan(ms_ssim_rgb(a, b)[0])
+    else:
+        value, note = ms_ssim_rgb(a, b)
+        assert 0.9 < value < 1 and note == ""
+        assert ms_ssim_rgb(a, a)[0] == pytest.approx(1.0, abs=1e-5)
     value, note = ms_ssim_rgb(a[:64, :64], b[:64, :64])
     assert math.isnan(value) and "161" in note
     c = center_crop(a, 64)

@@ -127,7 +127,10 @@ def evaluate(
     (outdir / "bd_rate.json").write_text(json.dumps(_jsonable(bd_doc), indent=2) + "\n")
     (outdir / "run.json").write_text(json.dumps(_jsonable(info), indent=2) + "\n")
     title = f"{len(images)} image(s)" + (f", center {crop}x{crop}" if crop else "")
-    plot_rd(curves, anchors_for_plot, outdir / "rd.png", title)
+    try:
+        plot_rd(curves, anchors_for_plot, outdir / "rd.png", title)
+    except ImportError as e:  # matplotlib is in the `eval` extra
+        notes.append(f"no RD plot: {e} (pip install 'n2l[eval]')")
     summary = summary_markdown(info, curves, dataset_bd, published, notes)
     (outdir / "summary.md").write_text(summary)
     return {"rows": rows, "curves": curves, "bd": bd_doc, "info": info, "summary": summary}
