@@ -15,6 +15,7 @@ import os
 import warnings
 
 import numpy as np
+import torch
 
 from .model import N2LModel
 
@@ -80,15 +81,9 @@ def _layer_arrays(model: N2LModel) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Float32 C-contiguous weights [out, in, k, k] and biases of every layer, bitstream order."""
     weights, biases = [], []
     for _, conv in model.named_layers():
-        weights.append(np.ascontiguousarray(conv.weight.detach().to("cpu", dtype=_f32()).numpy()))
-        biases.append(np.ascontiguousarray(conv.bias.detach().to("cpu", dtype=_f32()).numpy()))
+        weights.append(np.ascontiguousarray(conv.weight.detach().to("cpu", torch.float32).numpy()))
+        biases.append(np.ascontiguousarray(conv.bias.detach().to("cpu", torch.float32).numpy()))
     return weights, biases
-
-
-def _f32():
-    import torch
-
-    return torch.float32
 
 
 def decode_cpu(model: N2LModel, seed: int, height: int, width: int, threads: int | None = None) -> np.ndarray:
