@@ -1,0 +1,87 @@
+"""End-to-end codec behaviour through the public API (torch reference decoder)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import n2l
+from n2l.images import ImageError
+
+
+def _blurred(img: np.ndarray, factor: int) -> np.ndarray:
+    """Box-downsample then bilinear-upsample: what a network that learned only coarse colour gives."""
+    h, w, _ = img.shape
+    small = Image.fromarray(img).resize((w // factor, h // factor), Image.BOX)
+    return np.asarray(small.resize((w, h), Image.BILINEAR))
+
+
+def test_round_trip_beats_flat_and_blurred(crop64, encoded64):
+    decoded = n2l.decode(encoded64, device="cpu", backend="torch")
+    assert decoded.shape == crop64.shape and decoded.dtype == np.uint8
+    flat = np.broadcast_to(crop64.reshape(-1, 3).mean(0).round().astype(np.uint8), crop64.shape)
+    quality = n2l.psnr(decoded, crop64)
+    assert quality > n2l.psnr(flat, crop64) + 8
+    assert quality > n2l.psnr(_blurred(crop64, 8), crop64) + 3
+    assert quality > 24.0
+    header = n2l.read_header(encoded64)
+    assert 0.05 < header.bpp < 8.0
+    assert header.config == n2l.preset("default")
+
+
+def test_decoding_is_deterministic(encoded64):
+    a = n2l.decode(encoded64, device="cpu", backend="torch")
+    b = n2l.decode(encoded64, device="cpu", backend="torch")
+    assert np.array_equal(a, b)
+
+
+def test_quality_orders_rate():
+    rng = np.random.default_rng(3)
+    img = np.asarray(Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((24, 24)))
+    low = n2l.encode(img, quality=0, iterations=60, verbose=False)
+    high = n2l.encode(img, quality=8, iterations=60, verbose=False)
+    assert len(low) < len(high)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (5, 3, 1), (9, 16)])
+def test_odd_sizes_and_grayscale(shape):
+    rng = np.random.default_rng(sum(shape))
+    img = (rng.random(shape) * 255).astype(np.uint8)
+    buf = n2l.encode(img, quality=2, iterations=30, verbose=False)
+    out = n2l.decode(buf, device="cpu", backend="torch")
+    expected_channels = shape[2] if len(shape) == 3 else 1
+    assert out.shape == (shape[0], shape[1], expected_channels)
+    header = n2l.read_header(buf)
+    assert (header.height, header.width, header.channels) == out.shape
+
+
+def test_input_types_give_the_same_pixels(crop64, tmp_path):
+    path = tmp_path / "crop.png"
+    Image.fromarray(crop64).save(path)
+    tensor = torch.from_numpy(crop64).permute(2, 0, 1).float() / 255
+    for source in (str(path), path, Image.fromarray(crop64), tensor):
+        assert np.array_equal(n2l.load_image(source), crop64)
+
+
+def test_mode_conversions_and_rejections(crop64):
+    rgb = Image.fromarray(crop64)
+    assert np.array_equal(n2l.load_image(rgb.convert("RGBA")), crop64)  # opaque alpha dropped
+    palette = rgb.quantize(16)
+    assert np.array_equal(n2l.load_image(palette), np.asarray(palette.convert("RGB")))
+    assert n2l.load_image(rgb.convert("1")).shape == (64, 64, 1)
+    transparent = rgb.convert("RGBA")
+    transparent.putpixel((0, 0), (0, 0, 0, 10))
+    with pytest.raises(ImageError, match="transparency"):
+        n2l.load_image(transparent)
+    with pytest.raises(ImageError, match="mode"):
+        n2l.load_image(Image.new("I;16", (4, 4)))
+    with pytest.raises(ImageError, match="mode"):
+        n2l.load_image(rgb.convert("CMYK"))
+    with pytest.raises(ImageError):
+        n2l.load_image(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ImageError):
+        n2l.load_image(np.zeros((4, 4, 4), dtype=np.uint8))
+    with pytest.raises(ImageError):
+        n2l.load_image(torch.full((3, 4, 4), 2.0))
+    with pytest.raises(ValueError):
+        n2l.encode(crop64, quality=9)
