@@ -206,13 +206,14 @@ def run_eval(args: argparse.Namespace) -> int:
         print("n2l eval: no codec to evaluate", file=sys.stderr)
         return 2
     keep = [c.name for c in codecs] if args.keep_bitstreams else [REFERENCE]
-    with warnings.catch_warnings():
-        if args.quiet:
-            warnings.simplefilter("ignore", BDWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = evaluate(args.images, codecs, args.outdir, crop=args.crop, quiet=args.quiet,
                           anchors_dir=args.anchors, skipped_codecs=skipped, keep_bitstreams=keep,
                           extra_info={"argv": sys.argv, "device": args.device})
     if not args.quiet:
+        for message in dict.fromkeys(f"warning: {w.category.__name__}: {w.message}" for w in caught):
+            print(message, file=sys.stderr)
         print(result["summary"])
         print(f"results written to {args.outdir}")
     failed = sum(1 for r in result["rows"] if str(r.get("note") or "").startswith("FAILED"))
