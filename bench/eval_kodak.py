@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from n2l.evaluate import main as eval_main  # noqa: E402
+from n2l.evaluate import main as eval_main
 
 # Spread over the set: landscapes, faces, textures, flat areas.
 KODAK_IDS = (1, 4, 5, 7, 13, 15, 20, 23)

@@ -223,7 +223,7 @@ def test_published_anchors_when_present():
         pytest.skip("; ".join(notes))
     names = {a.name for a in anchors}
     assert {"VTM (VVC intra)", "C3", "ELIC (paper)", "Cool-chic 5.0.1"} <= names
-    cc = [a for a in anchors if a.name == "Cool-chic 5.0.1" and a.convention == "PSNR of mean MSE"][0]
+    cc = next(a for a in anchors if a.name == "Cool-chic 5.0.1" and a.convention == "PSNR of mean MSE")
     # Cool-chic's README: lambda 1e-3 -> 0.482 bpp / 34.23 dB (PSNR of mean MSE).
     assert any(abs(b - 0.482) < 1e-3 and abs(p - 34.23) < 0.01 for b, p in zip(cc.bpp, cc.psnr))
     with warnings.catch_warnings():

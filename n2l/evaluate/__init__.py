@@ -35,7 +35,7 @@ from .report import (
 )
 from .runner import _jsonable, load_images, run_jobs
 
-__all__ = ["evaluate", "add_eval_arguments", "run_eval", "bd_rate", "bd_psnr", "BDWarning", "main"]
+__all__ = ["BDWarning", "add_eval_arguments", "bd_psnr", "bd_rate", "evaluate", "main", "run_eval"]
 
 
 def evaluate(
@@ -167,7 +167,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lmbda", type=float, default=None, help="n2l rate-distortion lambda override")
     parser.add_argument("--seeds", type=int, default=1, help="n2l seeds tried per image (default 1)")
     parser.add_argument("--device", default="cpu", help="torch device for n2l encoding/decoding (default cpu)")
-    parser.add_argument("--codecs", default=",".join(("jpeg", "webp", "avif", "jxl", "hevc")),
+    parser.add_argument("--codecs", default="jpeg,webp,avif,jxl,hevc",
                         help="classical codecs: comma list of jpeg (=jpeg420+jpeg444), "
                              f"{', '.join(CLASSICAL_CODECS)}, all or none (default jpeg,webp,avif,jxl,hevc)")
     parser.add_argument("--no-n2l", action="store_true", help="only the classical codecs")

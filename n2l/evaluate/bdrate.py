@@ -71,10 +71,9 @@ def pchip_integral(x: Sequence[float], y: Sequence[float], lo: float, hi: float)
         c3 = 2 * (y[k] - y[k + 1]) + h * d[k] + h * d[k + 1]
         ta, tb = (a - x[k]) / h, (b - x[k]) / h
 
-        def prim(t: float) -> float:
-            return c0 * t + c1 * t**2 / 2 + c2 * t**3 / 3 + c3 * t**4 / 4
-
-        total += h * (prim(tb) - prim(ta))
+        prim_b = c0 * tb + c1 * tb**2 / 2 + c2 * tb**3 / 3 + c3 * tb**4 / 4
+        prim_a = c0 * ta + c1 * ta**2 / 2 + c2 * ta**3 / 3 + c3 * ta**4 / 4
+        total += h * (prim_b - prim_a)
     return float(total)
 
 

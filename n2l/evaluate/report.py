@@ -62,7 +62,7 @@ def dataset_curve(rows: Sequence[dict[str, Any]], image_names: Sequence[str]) ->
             continue
         sel = [pts[n] for n in image_names]
 
-        def mean(k: str) -> float:
+        def mean(k: str, sel: list[dict[str, Any]] = sel) -> float:
             vals = [float(r[k]) if r.get(k) is not None else math.nan for r in sel]
             return float(np.mean(vals)) if vals else math.nan
 
@@ -262,8 +262,8 @@ def summary_markdown(info: dict[str, Any], curves: dict[str, dict[str, list]], d
         L.append("")
     if dataset_bd:
         L += ["## BD-rate of n2l against codecs measured in this run", "",
-              "| anchor | BD-rate (mean PSNR) | BD-PSNR (mean PSNR) | BD-rate (PSNR of mean MSE) | "
-              "mean of per-image BD-rate | images with BD | n2l PSNR range covered | anchor bpp range |",
+              ("| anchor | BD-rate (mean PSNR) | BD-PSNR (mean PSNR) | BD-rate (PSNR of mean MSE) | "
+               "mean of per-image BD-rate | images with BD | n2l PSNR range covered | anchor bpp range |"),
               "|---|---:|---:|---:|---:|---:|---:|---|"]
         for d in dataset_bd:
             lo, hi = d["anchor_bpp_range"]
