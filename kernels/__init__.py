@@ -1,1 +1,70 @@
-"""Triton decode kernels, installed as `n2l.kernels`."""
+"""Triton GPU decode path, installed as `n2l.kernels` (see kernels/_triton.py).
+
+Importing this package never needs triton: `unavailable_reason()` says why the backend cannot
+run, and the kernels are imported on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from n2l.model import N2LModel
+
+__all__ = [
+    "unavailable_reason",
+    "interpreted",
+    "decode_triton",
+    "latents_triton",
+    "synthesis_triton",
+    "noise_triton",
+]
+
+
+def interpreted() -> bool:
+    """True when TRITON_INTERPRET=1 (kernels run in Triton's CPU interpreter, for testing)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason() -> str | None:
+    """None when the Triton backend can run here, else a short reason."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install 'n2l[triton]'"
+    if interpreted():
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU for testing)"
+    return None
+
+
+def _impl():
+    from . import _triton
+
+    return _triton
+
+
+def decode_triton(model: "N2LModel", seed: int, height: int, width: int) -> "torch.Tensor":
+    """uint8 [H, W, C_out] on the model's device, equal to the torch reference (within 1 level)."""
+    return _impl().decode_triton(model, seed, height, width)
+
+
+def latents_triton(model: "N2LModel", seed: int, height: int, width: int) -> "list[torch.Tensor]":
+    """GPP stage only: latents y_s, finest first, each [1, C, h_s, w_s]."""
+    return _impl().latents_triton(model, seed, height, width)
+
+
+def synthesis_triton(model: "N2LModel", ys: "list[torch.Tensor]", height: int, width: int) -> "torch.Tensor":
+    """Synthesis stage only: latents -> float32 [1, C_out, H, W], not clamped."""
+    return _impl().synthesis_triton(model, ys, height, width)
+
+
+def noise_triton(seed: int, scale: int, channels: int, height: int, width: int, device) -> "torch.Tensor":
+    """Noise of one whole scale from the Triton noise code, [channels, height, width]."""
+    return _impl().noise_triton(seed, scale, channels, height, width, device)
