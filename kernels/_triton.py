@@ -317,13 +317,13 @@ class Tiles:
         if interpreted():
             side = 32 if synth_residual <= 6 else 64
             return Tiles(32, 64, 4, side, side, 4)
-        # GPU: 256-element GPP tiles; synthesis tiles of 512 elements keep the halo overhead
-        # moderate ((32-2R) x (16-2R) useful) while the [512, <=32] fp32 features fit in
-        # registers of 8 warps.
+        # GPU: one pixel per thread. ptxas (sm_90, via kernels/offline.py) needs ~130 registers
+        # per pixel for the GPP kernel and 100-255 for the synthesis; two pixels per thread hit
+        # the 255 limit and spill. 16x16 synthesis tiles waste (2R/16) of the work on halos.
         if synth_residual <= 2:
-            return Tiles(8, 32, 4, 16, 32, 8)
+            return Tiles(8, 32, 8, 16, 16, 8)
         side = _pow2(4 * synth_residual + 1)
-        return Tiles(8, 32, 4, side, side, 8)
+        return Tiles(8, 32, 8, side, side, 8)
 
 
 @dataclass

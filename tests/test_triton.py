@@ -195,3 +195,39 @@ def test_presets_large(name):
     errors = [(g - w).abs().max().item() for g, w in zip(got_ys, ys)]
     assert max(errors) < 1e-3, errors
     assert_pixels_close(nk.decode_triton(model, 2024, *size), to_uint8(image))
+
+
+def test_compiles_for_sm90_offline():
+    """The real GPU compile path (TTGIR, LLVM, PTX, ptxas) for a small config, without a GPU.
+
+    The interpreter accepts code the compiler rejects (e.g. tl.dot with K < 16), so this runs
+    n2l.kernels.offline in a fresh process without TRITON_INTERPRET. It also checks that every
+    noise sample is one `mul.rn.f32` (not contracted into an FMA, not replicated across threads).
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = """
+import json
+from n2l.model import ModelConfig
+from n2l.kernels.offline import compile_kernels
+cfg = ModelConfig(n_scales=2, latent_channels=2, gpp_hidden=6, gpp_kernel=3, gpp_kernel_min_scale=1,
+                  synth_hidden=(8,), synth_residual=1, out_channels=3)
+print(json.dumps([[k.name, k.registers, k.spill_bytes, k.ptx.count("mul.rn.f32")] for k in compile_kernels(cfg)]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("triton's bundled ptxas is missing")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    kernels = {name: (regs, spills, muls) for name, regs, spills, muls in json.loads(proc.stdout.splitlines()[-1])}
+    assert set(kernels) == {"noise", "gpp k=3 coarser=False", "gpp k=1 coarser=True", "synthesis"}
+    # Noise kernel: BLOCK=1024 over 4 warps = 8 samples per thread, times 2 channels.
+    assert kernels["noise"][2] == 16
+    # GPP: one pixel per thread (8x32 tile, 8 warps), 2 channels, 9 or 1 taps.
+    assert kernels["gpp k=3 coarser=False"][2] == 18
+    assert kernels["gpp k=1 coarser=True"][2] == 2
+    assert all(spills == 0 for _, spills, _ in kernels.values()), kernels
