@@ -9,7 +9,8 @@ Every path decodes seed -> uint8 [H, W, C] pixels on the GPU, noise generation i
 ``torch`` is `to_uint8(model(model.noise(...)))` in eager mode (what
 `n2l.decoder.reconstruct(backend="torch")` runs, minus the copy to the host), ``compiled`` the
 same function through torch.compile, ``triton`` is `n2l.kernels.decode_triton`. Sizes are
-width x height. Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed).
+width x height. Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed). TF32 is
+disabled so the reference computes in exact fp32, as the Triton path does.
 
 Throughput is 2 x MACs / time, with MACs = ModelConfig.macs_per_pixel(H, W) x H x W (every
 convolution tap, bilinear sample and reparameterization; the Philox noise and activations are
@@ -29,6 +30,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# The reference runs in exact fp32 like the Triton path (cuDNN would otherwise use TF32 on
+# Ampere and later: faster, but ~1e-3 relative error, not the reference arithmetic).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 from n2l.model import PRESETS, N2LModel, to_uint8
 
@@ -130,7 +136,9 @@ SWEEP = (  # Tiles(gpp_bh, gpp_bw, gpp_warps, synth_th, synth_tw, synth_warps)
 )
 
 
-def run_case(preset: str, width: int, height: int, peak: float | None, with_compile: bool, sweep: bool) -> dict:
+def run_case(
+    preset: str, width: int, height: int, peak: float | None, with_compile: bool, sweep: bool
+) -> dict:
     from n2l.kernels import _triton
 
     device = torch.device("cuda")
@@ -152,7 +160,7 @@ def run_case(preset: str, width: int, height: int, peak: float | None, with_comp
         try:
             compiled = torch_decoder(model, height, width, compiled=True)
             row["compiled_ms"] = time_ms(compiled)
-        except Exception as e:  # torch.compile is optional: report why it did not run
+        except Exception as e:  # noqa: BLE001  torch.compile is optional: report why it did not run
             row["compiled_error"] = f"{type(e).__name__}: {e}"[:300]
     tiles = _triton.Tiles.default(config.synth_residual)
     candidates = [tiles]
@@ -209,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     parser.add_argument("--sweep", action="store_true", help="try several Triton tile shapes, keep the best")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/triton_<gpu>.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/triton_<gpu>.json)"
+    )
     args = parser.parse_args(argv)
 
     reason = gpu_unavailable_reason()
@@ -220,12 +230,14 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name()
     peak, peak_source = fp32_peak_tflops(name)
-    print(f"{name}, FP32 peak {peak} TFLOP/s ({peak_source}); torch {torch.__version__}, triton {triton.__version__}")
+    print(
+        f"{name}, FP32 peak {peak} TFLOP/s ({peak_source}); torch {torch.__version__}, triton {triton.__version__}"
+    )
     rows = []
     for preset in args.presets:
         for width, height in args.sizes:
             rows.append(run_case(preset, width, height, peak, not args.no_compile, args.sweep))
-            print_table(rows[-1:]) if len(rows) == 1 else None
+            print(f"  done {preset} {width}x{height}", flush=True)
     print()
     print_table(rows)
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -266,7 +278,11 @@ def test_decode_latency(benchmark, path: str, preset: str, size: tuple[int, int]
     peak, _ = fp32_peak_tflops(torch.cuda.get_device_name())
     if peak:
         benchmark.extra_info["limit_ms"] = 2 * macs / (peak * 1e12) * 1e3
-    fn = triton_decoder(model, height, width) if path == "triton" else torch_decoder(model, height, width, path == "compiled")
+    fn = (
+        triton_decoder(model, height, width)
+        if path == "triton"
+        else torch_decoder(model, height, width, path == "compiled")
+    )
 
     def synced():
         out = fn()

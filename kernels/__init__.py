@@ -15,12 +15,12 @@ if TYPE_CHECKING:
     from n2l.model import N2LModel
 
 __all__ = [
-    "unavailable_reason",
-    "interpreted",
     "decode_triton",
+    "interpreted",
     "latents_triton",
-    "synthesis_triton",
     "noise_triton",
+    "synthesis_triton",
+    "unavailable_reason",
 ]
 
 
@@ -50,21 +50,21 @@ def _impl():
     return _triton
 
 
-def decode_triton(model: "N2LModel", seed: int, height: int, width: int) -> "torch.Tensor":
+def decode_triton(model: N2LModel, seed: int, height: int, width: int) -> torch.Tensor:
     """uint8 [H, W, C_out] on the model's device, equal to the torch reference (within 1 level)."""
     return _impl().decode_triton(model, seed, height, width)
 
 
-def latents_triton(model: "N2LModel", seed: int, height: int, width: int) -> "list[torch.Tensor]":
+def latents_triton(model: N2LModel, seed: int, height: int, width: int) -> list[torch.Tensor]:
     """GPP stage only: latents y_s, finest first, each [1, C, h_s, w_s]."""
     return _impl().latents_triton(model, seed, height, width)
 
 
-def synthesis_triton(model: "N2LModel", ys: "list[torch.Tensor]", height: int, width: int) -> "torch.Tensor":
+def synthesis_triton(model: N2LModel, ys: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
     """Synthesis stage only: latents -> float32 [1, C_out, H, W], not clamped."""
     return _impl().synthesis_triton(model, ys, height, width)
 
 
-def noise_triton(seed: int, scale: int, channels: int, height: int, width: int, device) -> "torch.Tensor":
+def noise_triton(seed: int, scale: int, channels: int, height: int, width: int, device) -> torch.Tensor:
     """Noise of one whole scale from the Triton noise code, [channels, height, width]."""
     return _impl().noise_triton(seed, scale, channels, height, width, device)

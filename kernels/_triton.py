@@ -24,6 +24,7 @@ needs no padding of the (often tiny) input channel counts.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -313,7 +314,7 @@ class Tiles:
     noise_block: int = 1024
 
     @staticmethod
-    def default(synth_residual: int) -> "Tiles":
+    def default(synth_residual: int) -> Tiles:
         if interpreted():
             side = 32 if synth_residual <= 6 else 64
             return Tiles(32, 64, 4, side, side, 4)
@@ -353,7 +354,10 @@ def _pack(model: N2LModel) -> _Packed:
     cfg = model.config
     c, m = cfg.latent_channels, cfg.n_scales
     cp, gp, op = _pow2(c), _dot_width(cfg.gpp_hidden), _pow2(cfg.out_channels)
-    layers = {name: (conv.weight.detach().float(), conv.bias.detach().float()) for name, conv in model.named_layers()}
+    layers = {
+        name: (conv.weight.detach().float(), conv.bias.detach().float())
+        for name, conv in model.named_layers()
+    }
 
     gpp = {}
     for s in range(m):
@@ -398,7 +402,7 @@ def _pack(model: N2LModel) -> _Packed:
     )
 
 
-_PACK_CACHE: "weakref.WeakKeyDictionary[N2LModel, tuple]" = weakref.WeakKeyDictionary()
+_PACK_CACHE: weakref.WeakKeyDictionary[N2LModel, tuple] = weakref.WeakKeyDictionary()
 
 
 def _packed(model: N2LModel) -> _Packed:
@@ -422,6 +426,11 @@ def _device_of(model: N2LModel) -> torch.device:
 def _check_device(device: torch.device) -> None:
     if device.type != "cuda" and not interpreted():
         raise RuntimeError("the Triton decoder needs the model on a CUDA device (or TRITON_INTERPRET=1)")
+
+
+def _on(device: torch.device):
+    """Launch on the model's GPU (Triton launches on the current device), not cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def scale_offsets(config, height: int, width: int) -> list[int]:
@@ -449,6 +458,11 @@ def _latent_buffer(model: N2LModel, seed: int, height: int, width: int, tiles: T
     _check_device(device)
     packed = _packed(model)
     offsets = scale_offsets(cfg, height, width)
+    # The kernels index with int32 (cheaper than int64 on the GPU).
+    if max(offsets[-1], height * width * cfg.out_channels) >= 2**31:
+        raise ValueError(
+            f"{width}x{height} with {cfg.latent_channels} latent channels is too large for int32 indexing"
+        )
     lat = torch.empty(offsets[-1], dtype=torch.float32, device=device)
     for s in reversed(range(cfg.n_scales)):
         hs, ws = scale_shape(height, width, s)
@@ -471,7 +485,7 @@ def latents_triton(
     """The latents y_s, finest first, each [1, C, h_s, w_s] (like N2LModel.latents)."""
     cfg = model.config
     tiles = tiles or Tiles.default(cfg.synth_residual)
-    with torch.no_grad():
+    with torch.no_grad(), _on(_device_of(model)):
         lat = _latent_buffer(model, seed, height, width, tiles)
     offsets = scale_offsets(cfg, height, width)
     return [
@@ -487,7 +501,9 @@ def _synthesize(
     packed = _packed(model)
     r = cfg.synth_residual
     if tiles.synth_th <= 2 * r or tiles.synth_tw <= 2 * r:
-        raise ValueError(f"synthesis tile {tiles.synth_th}x{tiles.synth_tw} too small for {r} residual layers")
+        raise ValueError(
+            f"synthesis tile {tiles.synth_th}x{tiles.synth_tw} too small for {r} residual layers"
+        )
     co = cfg.out_channels
     if out_float:
         out = torch.empty((co, height, width), dtype=torch.float32, device=lat.device)
@@ -508,14 +524,16 @@ def synthesis_triton(
     """Synthesis of given latents (finest first, [1, C, h_s, w_s]) -> float32 [1, C_out, H, W], unclamped."""
     tiles = tiles or Tiles.default(model.config.synth_residual)
     _check_device(_device_of(model))
-    with torch.no_grad():
+    with torch.no_grad(), _on(_device_of(model)):
         lat = torch.cat([y.detach().float().reshape(-1) for y in ys])
         return _synthesize(model, lat, height, width, tiles, out_float=True)[None]
 
 
-def decode_triton(model: N2LModel, seed: int, height: int, width: int, tiles: Tiles | None = None) -> torch.Tensor:
+def decode_triton(
+    model: N2LModel, seed: int, height: int, width: int, tiles: Tiles | None = None
+) -> torch.Tensor:
     """Decode to uint8 [H, W, C_out] on the model's device: GPP launches + one synthesis launch."""
     tiles = tiles or Tiles.default(model.config.synth_residual)
-    with torch.no_grad():
+    with torch.no_grad(), _on(_device_of(model)):
         lat = _latent_buffer(model, seed, height, width, tiles)
         return _synthesize(model, lat, height, width, tiles, out_float=False)

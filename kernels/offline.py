@@ -63,7 +63,9 @@ def _compile(name: str, fn, signature: dict, constexprs: dict, num_warps: int, a
         sig[key] = "constexpr"
     # Like a real launch with torch allocations: pointers are 16-byte aligned, which lets
     # Triton vectorize the contiguous weight-row loads.
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    attrs = {
+        (fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")
+    }
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptx = kernel.asm["ptx"]
@@ -96,7 +98,16 @@ def compile_kernels(config: ModelConfig, arch: int = 90) -> list[Compiled]:
                 f"gpp k={k} coarser={coarser}",
                 K._gpp_kernel,
                 gpp_sig,
-                dict(C=c, CP=cp, GP=gp, K=k, COARSER=coarser, BH=tiles.gpp_bh, BW=tiles.gpp_bw, EXACT_MUL=True),
+                {
+                    "C": c,
+                    "CP": cp,
+                    "GP": gp,
+                    "K": k,
+                    "COARSER": coarser,
+                    "BH": tiles.gpp_bh,
+                    "BW": tiles.gpp_bw,
+                    "EXACT_MUL": True,
+                },
                 tiles.gpp_warps,
                 arch,
             )
@@ -108,16 +119,16 @@ def compile_kernels(config: ModelConfig, arch: int = 90) -> list[Compiled]:
             "synthesis",
             K._synth_kernel,
             synth_sig,
-            dict(
-                M=config.n_scales,
-                C=c,
-                WIDTHS=widths,
-                CO=config.out_channels,
-                R=config.synth_residual,
-                TH=tiles.synth_th,
-                TW=tiles.synth_tw,
-                OUT_FLOAT=False,
-            ),
+            {
+                "M": config.n_scales,
+                "C": c,
+                "WIDTHS": widths,
+                "CO": config.out_channels,
+                "R": config.synth_residual,
+                "TH": tiles.synth_th,
+                "TW": tiles.synth_tw,
+                "OUT_FLOAT": False,
+            },
             tiles.synth_warps,
             arch,
         )
