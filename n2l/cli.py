@@ -79,12 +79,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluate
-
-    return evaluate.run_eval(args)
-
-
 def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", "-q", type=int, default=4, choices=range(9), metavar="Q",
                    help="0 (smallest) .. 8 (best); picks lambda and, without --preset, the architecture")
@@ -128,13 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="rate-distortion evaluation against classical codecs")
-    try:
-        from . import evaluate
+    from .evaluate import add_eval_arguments, run_eval
 
-        evaluate.add_eval_arguments(p)
-    except (ImportError, AttributeError):  # evaluation extras not installed
-        pass
-    p.set_defaults(func=cmd_eval)
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
     return parser
 
 

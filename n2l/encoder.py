@@ -153,7 +153,7 @@ class _Quantizer:
         bpp = bits / self.t.pixels
         return mse + self.t.lmbda * bpp, mse, bpp
 
-    def search(self, exponents: list[int], passes: int = 2, reach: int = 3) -> list[int]:
+    def search(self, exponents: list[int], passes: int = 1, reach: int = 2) -> list[int]:
         """Greedy per-tensor coordinate descent over exponents (step 2^-e), real rate.
 
         Each tensor's exponent moves up to `reach` steps either way per pass."""
