@@ -24,23 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import bench_model
 
 from n2l import cpu
-from n2l.model import PRESETS, N2LModel, to_uint8
+from n2l.model import PRESETS, to_uint8
 
 SIZES = ((768, 512), (2048, 1365))  # width x height
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu.json"
-
-
-def bench_model(name: str) -> N2LModel:
-    """A preset network with fixed random weights (latency does not depend on the values)."""
-    torch.manual_seed(0)
-    model = N2LModel(PRESETS[name]).eval()
-    with torch.no_grad():
-        for _, conv in model.named_layers():
-            conv.weight.normal_(0.0, 0.5 / conv.weight[0].numel() ** 0.5)
-            conv.bias.uniform_(-0.1, 0.1)
-    return model
 
 
 def time_calls(fn, min_reps: int, max_reps: int, budget_s: float) -> list[float]:
@@ -62,9 +52,9 @@ def cpu_info() -> dict:
     We assume 2 FMA pipes per core (Intel since Haswell, AMD Zen 1..5) and full-width vectors.
     """
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
-    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)]
+    flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE).group(1).split()) if "flags" in text else set()
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
+    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.MULTILINE)]
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):

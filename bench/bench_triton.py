@@ -36,6 +36,8 @@ import torch
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
+from common import bench_model
+
 from n2l.model import PRESETS, N2LModel, to_uint8
 
 SIZES = ((768, 512), (2048, 1365))  # width x height
@@ -76,17 +78,6 @@ def fp32_peak_tflops(name: str) -> tuple[float | None, str]:
         if key in name:
             return peak, f"datasheet ({key})"
     return None, "unknown device: set N2L_FP32_PEAK_TFLOPS"
-
-
-def bench_model(name: str, device: torch.device) -> N2LModel:
-    """A preset network with fixed random weights (latency does not depend on the values)."""
-    torch.manual_seed(0)
-    model = N2LModel(PRESETS[name]).eval()
-    with torch.no_grad():
-        for _, conv in model.named_layers():
-            conv.weight.normal_(0.0, 0.5 / conv.weight[0].numel() ** 0.5)
-            conv.bias.uniform_(-0.1, 0.1)
-    return model.to(device)
 
 
 def torch_decoder(model: N2LModel, height: int, width: int, compiled: bool = False):

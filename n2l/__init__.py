@@ -14,6 +14,16 @@ from .model import PRESETS, ModelConfig, preset
 
 __version__ = "0.1.0"
 __all__ = [
-    "FormatError", "Header", "ImageError", "ModelConfig", "PRESETS", "TrainingConfig",
-    "decode", "encode", "load_image", "preset", "psnr", "read_header",
+    "PRESETS",
+    "FormatError",
+    "Header",
+    "ImageError",
+    "ModelConfig",
+    "TrainingConfig",
+    "decode",
+    "encode",
+    "load_image",
+    "preset",
+    "psnr",
+    "read_header",
 ]

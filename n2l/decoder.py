@@ -71,7 +71,8 @@ def reconstruct(
 ) -> np.ndarray:
     """Run a network (weights already dequantized, on its device) to uint8 pixels [H, W, C]."""
     if backend == "torch":
-        with torch.inference_mode():
+        # cuDNN would use TF32 on Ampere+ by default: the reference must stay exact float32.
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             image = model(model.noise(seed, height, width))
             return to_uint8(image).cpu().numpy()
     module = _backend_module(backend)

@@ -5,9 +5,10 @@ Training (loss = MSE + lambda * bits / pixels):
 2. main phase: Adam with linear warm-up and cosine decay; weights see additive uniform noise
    of one quantization step (a differentiable proxy of rounding) and each tensor's rate is
    the entropy of a quantized Laplace fitted to it, with a learned step per tensor;
-3. quantization-aware phase: hard rounding with straight-through gradients at fixed steps;
-4. post-training search of per-tensor power-of-two steps minimizing MSE + lambda * R with the
-   real coded size (constriction), then the bitstream is written.
+3. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
+   size (constriction), starting from the learned steps;
+4. quantization-aware phase: hard rounding with straight-through gradients at those steps,
+   a last local search, then the bitstream is written.
 """
 
 from __future__ import annotations
@@ -23,12 +24,23 @@ from tqdm.auto import tqdm
 
 from . import bitstream
 from .images import ImageLike, load_image, to_tensor
-from .model import ModelConfig, N2LModel, preset
+from .model import PRESETS, ModelConfig, N2LModel, preset
 from .weights import MAX_EXPONENT, TensorCode, encode_tensors, fit_code, quantize, tensor_bits
 
-# quality 0..8 -> lambda (MSE on [0, 1] + lambda * bits per pixel) and architecture.
+# quality 0..8 -> lambda (MSE on [0, 1] + lambda * bits per pixel) and architecture. With no
+# latents every bit is a parameter, so the network must grow with the quality.
 QUALITY_LAMBDAS = tuple(2e-2 * (1e-4 / 2e-2) ** (q / 8) for q in range(9))
-QUALITY_PRESETS = ("fast", "fast", "fast", "default", "default", "default", "best", "best", "best")
+QUALITY_CONFIGS = (
+    PRESETS["fast"],
+    PRESETS["fast"],
+    ModelConfig(latent_channels=3, gpp_hidden=10, synth_hidden=(12,)),
+    PRESETS["default"],
+    PRESETS["default"],
+    ModelConfig(latent_channels=5, gpp_hidden=14, gpp_kernel_min_scale=1, synth_hidden=(20,)),
+    PRESETS["best"],
+    ModelConfig(latent_channels=8, gpp_hidden=20, gpp_kernel_min_scale=1, synth_hidden=(32, 16), synth_residual=2),
+    ModelConfig(latent_channels=8, gpp_hidden=28, gpp_kernel_min_scale=1, synth_hidden=(40, 24), synth_residual=2),
+)
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,7 @@ class _Quantizer:
         bpp = bits / self.t.pixels
         return mse + self.t.lmbda * bpp, mse, bpp
 
-    def search(self, exponents: list[int], passes: int = 1, reach: int = 2) -> list[int]:
+    def search(self, exponents: list[int], passes: int, reach: int) -> list[int]:
         """Greedy per-tensor coordinate descent over exponents (step 2^-e), real rate.
 
         Each tensor's exponent moves up to `reach` steps either way per pass."""
@@ -188,7 +200,7 @@ def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config:
     if lam <= 0 or not math.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lmbda}")
     if config is None:
-        config = preset(preset_name or QUALITY_PRESETS[quality])
+        config = preset(preset_name) if preset_name else QUALITY_CONFIGS[quality]
     return lam, config
 
 
@@ -248,15 +260,17 @@ def encode(
     for it in range(n_candidate, n_main):
         report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
 
-    # Quantization-aware phase at the learned steps, rounded to powers of two.
+    # Per-tensor steps: start from the learned ones, search with the real coded size, then
+    # fine-tune at those steps with hard rounding (straight-through) and polish the search.
+    bar.set_description("n2l quantize")
     exponents = [min(MAX_EXPONENT, max(0, round(-float(s)))) for s in trainer.rate.log2_steps.detach()]
+    exponents = _Quantizer(trainer).search(exponents, passes=2, reach=4)
+    bar.set_description("n2l fine-tune")
     for it in range(n_qat):
         lr = tc.qat_lr * _lr_factor(it, n_qat, 1)
         report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)
-
-    bar.set_description("n2l quantize")
     quantizer = _Quantizer(trainer)
-    exponents = quantizer.search(exponents)
+    exponents = quantizer.search(exponents, passes=1, reach=1)
     qs, codes = quantizer.codes(exponents)
     header = bitstream.Header(width, height, cfg, trainer.seed, tuple(codes))
     buf = bitstream.write(header, encode_tensors(qs, codes))

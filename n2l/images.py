@@ -15,13 +15,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageError(ValueError):

@@ -106,7 +106,7 @@ def test_random_configs_match_torch(case: int, each_isa) -> None:
         ref = reference(model, seed, height, width)
         if height * width > 100:
             assert len(np.unique(ref)) > 20, "test weights should not saturate the output"
-        for isa in each_isa():
+        for _isa in each_isa():
             assert_close(cpu.decode_cpu(model, seed, height, width, threads=2), ref)
 
 
@@ -115,7 +115,7 @@ def test_presets_match_torch_end_to_end(name: str, each_isa) -> None:
     """Everything from the torch reference, its own noise generator included."""
     model = random_model(PRESETS[name], seed=7)
     ref = reference(model, 12345, 37, 70, torch_noise=True)
-    for isa in each_isa():
+    for _isa in each_isa():
         assert_close(cpu.decode_cpu(model, 12345, 37, 70), ref)
 
 
@@ -131,7 +131,7 @@ def test_thread_counts_give_identical_pixels() -> None:
 
 def test_noise_pyramid_bit_identical(each_isa) -> None:
     ref = noise_pyramid(77, 45, 67, n_scales=7, channels=3)
-    for isa in each_isa():
+    for _isa in each_isa():
         for s, z in enumerate(ref):
             out = cpu.noise_block(77, s, 3, 0, 0, *z.shape[-2:])
             np.testing.assert_array_equal(out.view(np.uint32), z.numpy().view(np.uint32))
@@ -143,7 +143,7 @@ def test_noise_pyramid_bit_identical(each_isa) -> None:
 )
 def test_noise_bit_identical(seed, scale, channels, y0, x0, height, width, each_isa) -> None:
     ref = noise_block(seed, scale, channels, y0, x0, height, width).numpy()
-    for isa in each_isa():
+    for _isa in each_isa():
         out = cpu.noise_block(seed, scale, channels, y0, x0, height, width)
         assert out.dtype == np.float32 and out.shape == ref.shape
         np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
