@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -140,8 +141,10 @@ class _Quantizer:
 
     def __init__(self, trainer: _Trainer):
         self.t = trainer
+        self.lmbda = trainer.lmbda
         self.float_params = {n: p.detach().clone() for n, p in trainer.params.items()}
         self.cache: dict[tuple[str, int], tuple] = {}
+        self.measured: dict[tuple[int, ...], tuple[float, float]] = {}  # exponents -> (mse, bpp)
 
     def tensor(self, name: str, exponent: int) -> tuple:
         """(integers, code, bits) of one tensor at one exponent, cached."""
@@ -153,24 +156,30 @@ class _Quantizer:
         return self.cache[key]
 
     @torch.no_grad()
-    def cost(self, exponents: list[int]) -> tuple[float, float, float]:
-        """(cost, mse, bpp) of a full assignment, with the real coded bits."""
-        params, bits = {}, 0.0
-        for (name, p), e in zip(self.float_params.items(), exponents):
-            q, _, b = self.tensor(name, e)
-            params[name] = torch.from_numpy(q).to(p.device, torch.float32).view_as(p) * 2.0**-e
-            bits += b
-        out = functional_call(self.t.model, params, (self.t.noise,))
-        mse = float(F.mse_loss(out.clamp(0, 1), self.t.target))
-        bpp = bits / self.t.pixels
-        return mse + self.t.lmbda * bpp, mse, bpp
+    def measure(self, exponents: list[int]) -> tuple[float, float]:
+        """(mse of the 8-bit output, bpp) of a full assignment, with the real coded bits; memoized."""
+        key = tuple(exponents)
+        if key not in self.measured:
+            params, bits = {}, 0.0
+            for (name, p), e in zip(self.float_params.items(), exponents):
+                q, _, b = self.tensor(name, e)
+                params[name] = torch.from_numpy(q).to(p.device, torch.float32).view_as(p) * 2.0**-e
+                bits += b
+            out = functional_call(self.t.model, params, (self.t.noise,))
+            pixels = torch.round(out.clamp(0, 1) * 255) / 255  # what the decoder outputs
+            self.measured[key] = float(F.mse_loss(pixels, self.t.target)), bits / self.t.pixels
+        return self.measured[key]
+
+    def cost(self, exponents: list[int]) -> float:
+        mse, bpp = self.measure(exponents)
+        return mse + self.lmbda * bpp
 
     def search(self, exponents: list[int], passes: int, reach: int) -> list[int]:
         """Greedy per-tensor coordinate descent over exponents (step 2^-e), real rate.
 
         Each tensor's exponent moves up to `reach` steps either way per pass."""
         best = list(exponents)
-        best_cost = self.cost(best)[0]
+        best_cost = self.cost(best)
         for _ in range(passes):
             improved = False
             for i in range(len(best)):
@@ -180,7 +189,7 @@ class _Quantizer:
                             break
                         trial = best.copy()
                         trial[i] += direction
-                        c = self.cost(trial)[0]
+                        c = self.cost(trial)
                         if c >= best_cost:
                             break
                         best, best_cost, improved = trial, c, True
@@ -191,6 +200,60 @@ class _Quantizer:
     def codes(self, exponents: list[int]) -> tuple[list, list[TensorCode]]:
         entries = [self.tensor(name, e) for name, e in zip(self.float_params, exponents)]
         return [q for q, _, _ in entries], [code for _, code, _ in entries]
+
+
+# Rate control starts from the largest quality level whose network fits the target at about
+# 4 bits per parameter (coded weights cost 5-5.5 bits per parameter at every level on 256x256
+# Kodak crops, fewer on small images and short encodes); PSNR targets start from the typical
+# PSNR of each level on those crops (bench/RESULTS.md).
+BITS_PER_PARAMETER = 4.0
+TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
+
+
+def _bitstream(quantizer: _Quantizer, exponents: list[int], width: int, height: int, config: ModelConfig) -> bytes:
+    qs, codes = quantizer.codes(exponents)
+    header = bitstream.Header(width, height, config, quantizer.t.seed, tuple(codes))
+    return bitstream.write(header, encode_tensors(qs, codes))
+
+
+def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_bytes: int | None,
+                  target_psnr: float | None, tries: int = 16) -> list[int]:
+    """Bisect the lambda of the step search (trained weights fixed) to meet a target.
+
+    Size: the largest stream not above target_bytes, stopping within 3% under it.
+    PSNR: the smallest stream with PSNR >= target_psnr, stopping within 0.1 dB above it.
+    """
+    lo, hi = math.log(quantizer.lmbda) - 8, math.log(quantizer.lmbda) + 8
+    best: tuple[int, list[int]] | None = None  # (size, exponents)
+    closest = (-math.inf, exponents)  # highest PSNR seen, for an unreachable PSNR target
+    for _ in range(tries):
+        mid = (lo + hi) / 2
+        quantizer.lmbda = math.exp(mid)
+        exps = quantizer.search(exponents, passes=2, reach=4)
+        size = len(make(exps))
+        psnr = _psnr_from_mse(quantizer.measure(exps)[0])
+        closest = max(closest, (psnr, exps), key=lambda c: c[0])
+        if target_bytes is not None:
+            ok = size <= target_bytes
+            if ok and (best is None or size > best[0]):
+                best = (size, exps)
+            if ok and size >= 0.97 * target_bytes:
+                break
+            lo, hi = (lo, mid) if ok else (mid, hi)  # room left: lower lambda, more bits
+        else:
+            ok = psnr >= target_psnr
+            if ok and (best is None or size < best[0]):
+                best = (size, exps)
+            if ok and psnr <= target_psnr + 0.1:
+                break
+            lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: higher lambda, fewer bits
+    if best is not None:
+        return best[1]
+    if target_bytes is not None:
+        raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
+    warnings.warn(f"target PSNR {target_psnr} dB not reached (best {closest[0]:.2f} dB): "
+                  "use more iterations or a larger network", RuntimeWarning, stacklevel=3)
+    return closest[1]
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None):
@@ -216,6 +279,8 @@ def encode(
     seed: int = 0,
     device: str | torch.device = "cpu",
     training: TrainingConfig | None = None,
+    target_bytes: int | None = None,
+    target_psnr: float | None = None,
     verbose: bool = True,
 ) -> bytes:
     """Encode an image into an n2l bitstream.
@@ -223,10 +288,23 @@ def encode(
     quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
     `lmbda` overrides the lambda. `seeds` > 1 trains that many candidates (noise seeds
     seed, seed+1, ...) briefly and keeps the best. `verbose` shows a progress bar.
+
+    Rate control: `target_bytes` gives the largest stream not above that size (within 3%),
+    `target_psnr` the smallest stream reaching that PSNR (within 0.1 dB); the quality level
+    is then chosen from the target, and one training run is followed by a search.
     """
     array = load_image(image)
-    lam, cfg = _resolve(quality, preset, lmbda, config)
     height, width, channels = array.shape
+    if target_bytes is not None and target_psnr is not None:
+        raise ValueError("give at most one of target_bytes and target_psnr")
+    if target_bytes is not None:
+        if target_bytes < 1:
+            raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+        fits = [q for q, c in enumerate(QUALITY_CONFIGS) if c.n_params() * BITS_PER_PARAMETER <= 8 * target_bytes]
+        quality = max(fits, default=0)
+    elif target_psnr is not None:
+        quality = next((q for q, typical in enumerate(TYPICAL_PSNR) if typical >= target_psnr), 8)
+    lam, cfg = _resolve(quality, preset, lmbda, config)
     cfg = ModelConfig(**{**cfg.to_dict(), "out_channels": channels})
     tc = training or TrainingConfig()
     if iterations is not None:
@@ -270,11 +348,17 @@ def encode(
         lr = tc.qat_lr * _lr_factor(it, n_qat, 1)
         report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)
     quantizer = _Quantizer(trainer)
-    exponents = quantizer.search(exponents, passes=1, reach=1)
-    qs, codes = quantizer.codes(exponents)
-    header = bitstream.Header(width, height, cfg, trainer.seed, tuple(codes))
-    buf = bitstream.write(header, encode_tensors(qs, codes))
-    _, mse, _ = quantizer.cost(exponents)
+
+    def make(exps: list[int]) -> bytes:
+        return _bitstream(quantizer, exps, width, height, cfg)
+
+    if target_bytes is None and target_psnr is None:
+        exponents = quantizer.search(exponents, passes=1, reach=1)
+    else:
+        bar.set_description("n2l rate control")
+        exponents = _rate_control(quantizer, exponents, make, target_bytes, target_psnr)
+    buf = make(exponents)
+    mse, _ = quantizer.measure(exponents)
     bar.set_postfix(psnr=f"{_psnr_from_mse(mse):.2f}", bpp=f"{8 * len(buf) / (width * height):.3f}",
                     time=f"{time.perf_counter() - started:.1f}s")
     bar.close()
