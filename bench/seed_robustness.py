@@ -13,8 +13,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 import n2l
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,27 @@ def _read_bytes(path: str) -> bytes:
         raise ImageError(f"cannot read {path!r}: {e.strerror}") from None
 
 
+def parse_size(text: str) -> int:
+    """'20KB', '20k', '1.5MB', '12KiB' or '20000' -> bytes (KB = 1000 bytes, KiB = 1024)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kKmM]?)(i?)[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 20KB, 20000)")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * {"": 1, "k": base, "m": base**2}[prefix.lower()])
+
+
 def _encode_and_report(image, args: argparse.Namespace) -> tuple[bytes, np.ndarray]:
     """Encode, decode back with the reference, and print bpp, PSNR and time."""
     original = load_image(image)
+    target_bytes = args.target_size
+    if args.target_bpp is not None:
+        target_bytes = int(args.target_bpp * original.shape[0] * original.shape[1] / 8)
     started = time.perf_counter()
     buf = encode(
         original, quality=args.quality, preset=args.preset, lmbda=args.lmbda, iterations=args.iterations,
-        seeds=args.seeds, device=args.device, verbose=not args.quiet,
+        seeds=args.seeds, device=args.device, target_bytes=target_bytes, target_psnr=args.target_psnr,
+        verbose=not args.quiet,
     )
     elapsed = time.perf_counter() - started
     decoded = decoder.decode(buf, device=args.device)
@@ -88,6 +103,12 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture (decode cost)")
     p.add_argument("--iterations", "-n", type=int, default=None, help="training iterations (default 2000)")
     p.add_argument("--seeds", type=int, default=1, help="noise seeds to try, keeping the best")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-size", type=parse_size, default=None, metavar="SIZE",
+                        help="largest stream not above SIZE (e.g. 20KB), within 3%%; overrides --quality")
+    target.add_argument("--target-bpp", type=float, default=None, help="the same, in bits per pixel")
+    target.add_argument("--target-psnr", type=float, default=None, metavar="DB",
+                        help="smallest stream reaching this PSNR (within 0.1 dB)")
     p.add_argument("--device", default="cpu", help="torch device for encoding (cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

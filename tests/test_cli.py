@@ -32,3 +32,9 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.n2l")]) == 1
     assert "cannot read" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_parse_size():
+    from n2l.cli import parse_size
+
+    assert [parse_size(t) for t in ("20KB", "20k", "1.5MB", "20000", "12KiB")] == [20000, 20000, 1500000, 20000, 12288]

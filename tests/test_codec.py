@@ -85,3 +85,12 @@ def test_mode_conversions_and_rejections(crop64):
         n2l.load_image(torch.full((3, 4, 4), 2.0))
     with pytest.raises(ValueError):
         n2l.encode(crop64, quality=9)
+
+
+def test_rate_control_never_exceeds_the_target_size(crop64):
+    target = 700
+    buf = n2l.encode(crop64, target_bytes=target, iterations=60, verbose=False)
+    assert len(buf) <= target
+    assert len(buf) >= 0.5 * target  # the controller uses the budget, not a token stream
+    with pytest.raises(ValueError, match="smallest stream"):
+        n2l.encode(crop64, target_bytes=20, iterations=10, verbose=False)
