@@ -27,7 +27,7 @@ def stream(request) -> bytes:
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_decode_latency(benchmark, stream: bytes, backend: str) -> None:
-    if not backend_available(backend) and backend != "torch":
+    if not backend_available(backend):
         pytest.skip(f"backend {backend} unavailable")
     pixels = benchmark(n2l.decode, stream, device="cpu", backend=backend)
     header = n2l.read_header(stream)

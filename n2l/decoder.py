@@ -36,8 +36,8 @@ def _backend_module(name: str):
 
 
 def backend_available(name: str) -> bool:
-    """Whether the `triton` or `cpu` backend can run here."""
-    return not isinstance(_backend_module(name), str)
+    """Whether a backend (`torch`, `triton` or `cpu`) can run here."""
+    return name == "torch" or not isinstance(_backend_module(name), str)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
