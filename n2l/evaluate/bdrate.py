@@ -91,6 +91,29 @@ def _clean_curve(rate: Sequence[float], psnr: Sequence[float], key: str) -> tupl
     return lr[keep], p[keep]
 
 
+def _mean_gap(anchor: tuple, test: tuple, along: str, metric: str) -> float:
+    """Mean of test minus anchor over their common range of `along` ("psnr": gap in log-rate;
+    "rate": gap in PSNR); NaN with a BDWarning when the curves are too short or do not overlap."""
+    (la, pa), (lt, pt) = _clean_curve(*anchor, along), _clean_curve(*test, along)
+    if len(pa) < 2 or len(pt) < 2:
+        warnings.warn(f"{metric}: each curve needs at least 2 distinct points", BDWarning, stacklevel=3)
+        return math.nan
+    # x is the axis integrated over, y the one whose gap is averaged.
+    (xa, ya), (xt, yt) = ((pa, la), (pt, lt)) if along == "psnr" else ((la, pa), (lt, pt))
+    lo, hi = max(xa[0], xt[0]), min(xa[-1], xt[-1])
+    if hi <= lo:
+        show = (lambda v: f"{v:.2f}") if along == "psnr" else (lambda v: f"{math.exp(v):.3f}")
+        unit = "dB" if along == "psnr" else "bpp"
+        warnings.warn(
+            f"{metric}: {'PSNR' if along == 'psnr' else 'rate'} ranges do not overlap (anchor "
+            f"{show(xa[0])}-{show(xa[-1])}, test {show(xt[0])}-{show(xt[-1])} {unit})",
+            BDWarning,
+            stacklevel=3,
+        )
+        return math.nan
+    return (pchip_integral(xt, yt, lo, hi) - pchip_integral(xa, ya, lo, hi)) / (hi - lo)
+
+
 def bd_rate(
     anchor_rate: Sequence[float],
     anchor_psnr: Sequence[float],
@@ -98,22 +121,8 @@ def bd_rate(
     test_psnr: Sequence[float],
 ) -> float:
     """BD-rate of `test` against `anchor` in percent; NaN with a BDWarning when it is undefined."""
-    la, pa = _clean_curve(anchor_rate, anchor_psnr, "psnr")
-    lt, pt = _clean_curve(test_rate, test_psnr, "psnr")
-    if len(pa) < 2 or len(pt) < 2:
-        warnings.warn("BD-rate: each curve needs at least 2 distinct points", BDWarning, stacklevel=2)
-        return math.nan
-    lo, hi = max(pa[0], pt[0]), min(pa[-1], pt[-1])
-    if hi <= lo:
-        warnings.warn(
-            f"BD-rate: PSNR ranges do not overlap (anchor {pa[0]:.2f}-{pa[-1]:.2f} dB, "
-            f"test {pt[0]:.2f}-{pt[-1]:.2f} dB)",
-            BDWarning,
-            stacklevel=2,
-        )
-        return math.nan
-    diff = (pchip_integral(pt, lt, lo, hi) - pchip_integral(pa, la, lo, hi)) / (hi - lo)
-    return float((math.exp(diff) - 1) * 100)
+    gap = _mean_gap((anchor_rate, anchor_psnr), (test_rate, test_psnr), "psnr", "BD-rate")
+    return float((math.exp(gap) - 1) * 100)
 
 
 def bd_psnr(
@@ -123,18 +132,4 @@ def bd_psnr(
     test_psnr: Sequence[float],
 ) -> float:
     """BD-PSNR of `test` against `anchor` in dB; NaN with a BDWarning when it is undefined."""
-    la, pa = _clean_curve(anchor_rate, anchor_psnr, "rate")
-    lt, pt = _clean_curve(test_rate, test_psnr, "rate")
-    if len(la) < 2 or len(lt) < 2:
-        warnings.warn("BD-PSNR: each curve needs at least 2 distinct points", BDWarning, stacklevel=2)
-        return math.nan
-    lo, hi = max(la[0], lt[0]), min(la[-1], lt[-1])
-    if hi <= lo:
-        warnings.warn(
-            f"BD-PSNR: rate ranges do not overlap (anchor {math.exp(la[0]):.3f}-{math.exp(la[-1]):.3f}, "
-            f"test {math.exp(lt[0]):.3f}-{math.exp(lt[-1]):.3f} bpp)",
-            BDWarning,
-            stacklevel=2,
-        )
-        return math.nan
-    return float((pchip_integral(lt, pt, lo, hi) - pchip_integral(la, pa, lo, hi)) / (hi - lo))
+    return float(_mean_gap((anchor_rate, anchor_psnr), (test_rate, test_psnr), "rate", "BD-PSNR"))
