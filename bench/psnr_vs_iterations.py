@@ -1,0 +1,49 @@
+"""Encode cost: PSNR, bpp and RD cost against the number of training iterations.
+
+    python bench/psnr_vs_iterations.py [IMAGE] --crop 256 --quality 4 --iterations 500 1000 2000 4000
+
+Writes bench/results/psnr_vs_iterations.json; tells whether the presets stop where more
+iterations stop paying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import n2l
+from n2l.encoder import QUALITY_LAMBDAS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("image", nargs="?", default=str(REPO.parent / "shared/data/kodak/kodim23.png"))
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--quality", type=int, default=4)
+    parser.add_argument("--iterations", type=int, nargs="+", default=[500, 1000, 2000, 4000])
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/psnr_vs_iterations.json")
+    args = parser.parse_args()
+    img = n2l.load_image(args.image)
+    h, w, _ = img.shape
+    c = args.crop
+    img = img[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
+    rows = []
+    for iterations in args.iterations:
+        t = time.perf_counter()
+        buf = n2l.encode(img, quality=args.quality, iterations=iterations, verbose=False)
+        psnr = n2l.psnr(n2l.decode(buf, device="cpu", backend="torch"), img)
+        bpp = 8 * len(buf) / (c * c)
+        rows.append({"iterations": iterations, "bpp": bpp, "psnr": psnr, "encode_s": time.perf_counter() - t,
+                     "rd_cost": 10 ** (-psnr / 10) + QUALITY_LAMBDAS[args.quality] * bpp})
+        print(rows[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"image": Path(args.image).name, "crop": c, "quality": args.quality,
+                                    "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
