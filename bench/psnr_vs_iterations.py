@@ -15,6 +15,7 @@ from pathlib import Path
 
 import n2l
 from n2l.encoder import QUALITY_LAMBDAS
+from n2l.evaluate.runner import center_crop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +28,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/psnr_vs_iterations.json")
     args = parser.parse_args()
-    img = n2l.load_image(args.image)
-    h, w, _ = img.shape
     c = args.crop
-    img = img[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
+    img = center_crop(n2l.load_image(args.image), c)
     rows = []
     for iterations in args.iterations:
         t = time.perf_counter()

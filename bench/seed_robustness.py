@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import n2l
+from n2l.evaluate.runner import center_crop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +28,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/seed_robustness.json")
     args = parser.parse_args()
-    img = n2l.load_image(args.image)
-    h, w, _ = img.shape
     c = args.crop
-    img = img[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
+    img = center_crop(n2l.load_image(args.image), c)
     rows = []
     for seed in range(args.seeds):
         t = time.perf_counter()
