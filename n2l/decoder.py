@@ -18,7 +18,7 @@ import torch
 from . import bitstream
 from .bitstream import FormatError
 from .model import N2LModel, to_uint8
-from .weights import decode_tensors
+from .weights import decode_tensors, dequantize
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -93,7 +93,7 @@ def load_model(buf: bytes, device: torch.device | str = "cpu") -> tuple[bitstrea
     tensors = [t for _, conv in model.named_layers() for t in (conv.weight, conv.bias)]
     with torch.no_grad():
         for t, q, code in zip(tensors, qs, header.codes):
-            t.copy_(torch.from_numpy(q).view(t.shape).double().mul(code.step).float())
+            t.copy_(dequantize(q, code.exponent, t.shape))
     return header, model.to(device).eval()
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import bitstream
 from .images import ImageLike, load_image, to_tensor
 from .model import PRESETS, ModelConfig, N2LModel, preset
-from .weights import MAX_EXPONENT, TensorCode, encode_tensors, fit_code, quantize, tensor_bits
+from .weights import MAX_EXPONENT, TensorCode, dequantize, encode_tensors, fit_code, quantize, tensor_bits
 
 # quality 0..8 -> lambda (MSE on [0, 1] + lambda * bits per pixel) and architecture. With no
 # latents every bit is a parameter, so the network must grow with the quality.
@@ -72,8 +72,8 @@ class _RateProxy:
     """Differentiable weight rate: per tensor, N * H(mean|w| / step) with a learned log2 step."""
 
     def __init__(self, model: N2LModel, init_log2_step: float):
-        self.names = [name for name, _ in model.named_parameters()]
-        self.log2_steps = torch.full((len(self.names),), init_log2_step, device=next(model.parameters()).device,
+        n_tensors = len(list(model.parameters()))
+        self.log2_steps = torch.full((n_tensors,), init_log2_step, device=next(model.parameters()).device,
                                      requires_grad=True)
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -163,7 +163,7 @@ class _Quantizer:
             params, bits = {}, 0.0
             for (name, p), e in zip(self.float_params.items(), exponents):
                 q, _, b = self.tensor(name, e)
-                params[name] = torch.from_numpy(q).to(p.device, torch.float32).view_as(p) * 2.0**-e
+                params[name] = dequantize(q, e, p.shape).to(p.device)
                 bits += b
             out = functional_call(self.t.model, params, (self.t.noise,))
             pixels = torch.round(out.clamp(0, 1) * 255) / 255  # what the decoder outputs

@@ -28,10 +28,6 @@ class TensorCode:
     max_abs: int  # symbols lie in [-max_abs, max_abs]
 
     @property
-    def step(self) -> float:
-        return 2.0**-self.exponent
-
-    @property
     def scale(self) -> float:
         return 2.0 ** (self.scale_code / 8)
 
@@ -40,6 +36,11 @@ def quantize(w: torch.Tensor, exponent: int) -> np.ndarray:
     """Round a tensor to integer multiples of 2^-exponent, clipped to the codable range."""
     q = torch.round(w.detach().double() * 2.0**exponent).clamp(-MAX_ABS, MAX_ABS)
     return q.to(torch.int32).flatten().cpu().numpy()
+
+
+def dequantize(q: np.ndarray, exponent: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Integers back to float32 weights q * 2^-exponent (exact: a power-of-two scale)."""
+    return torch.from_numpy(q).view(shape).double().mul(2.0**-exponent).float()
 
 
 def _laplace(code: TensorCode):
