@@ -31,6 +31,7 @@ struct Net {
   Layer synth[kMaxSynth];
   Layer res[kMaxResidual];
   float* ys[kMaxScales] = {};  // ys[0] unused: scale 0 is streamed into the synthesis
+  const float* y0_coded = nullptr;  // scale 0's transmitted latent [C, H, W] when it is coded
 };
 
 // The entry points of one instruction-set variant.
@@ -39,7 +40,8 @@ struct Kernels {
   // Noise of (seed, scale, channel, row y) at columns x0 .. x0+n-1 into out[0..n).
   void (*noise_row)(uint32_t seed, uint32_t scale, uint32_t channel, uint32_t y, uint32_t x0, int n,
                     float* out);
-  // Latent y_s, rows [r0, r1), into net.ys[s] (needs net.ys[s+1] complete). Returns false if out of memory.
+  // Latent y_s of a generated scale, rows [r0, r1), into net.ys[s] (needs net.ys[s+1] complete).
+  // Returns false if out of memory.
   bool (*coarse_band)(const Net& net, int s, int r0, int r1);
   // Pixels of rows [r0, r1) into out ([H, W, Cout] uint8). Needs all net.ys[s >= 1].
   bool (*fine_band)(const Net& net, int r0, int r1, uint8_t* out);

@@ -325,6 +325,12 @@ struct GppOutput final : RowSource {
 
   void compute(int r, float* dst) override {
     const Net& n = *net;
+    if (s == 0 && n.y0_coded != nullptr) {  // hybrid mode: the latent was transmitted
+      for (int c = 0; c < n.C; ++c)
+        memcpy(dst + static_cast<size_t>(c) * stride + 1, n.y0_coded + (static_cast<size_t>(c) * h + r) * w,
+               w * sizeof(float));
+      return;
+    }
     const Layer& L0 = n.gpp0[s];
     const Layer& L1 = n.gpp1[s];
     const int K = L0.k, C = n.C, cin = in->ch;

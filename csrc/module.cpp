@@ -86,8 +86,8 @@ Layer to_layer(const FloatArray& w, const FloatArray& b, int cin, int cout, int 
 
 void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, int gpp_kernel_min_scale,
             const std::vector<int>& synth_hidden, int n_res, int Cout, const std::vector<FloatArray>& weights,
-            const std::vector<FloatArray>& biases, nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu> out,
-            int threads) {
+            const std::vector<FloatArray>& biases, const std::vector<FloatArray>& coded,
+            nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu> out, int threads) {
   if (H < 1 || W < 1) throw std::invalid_argument("height and width must be >= 1");
   if (M < 1 || M > n2l::kMaxScales || C < 1 || C > 32 || G < 1 || G > 128 || (gpp_kernel != 1 && gpp_kernel != 3) ||
       synth_hidden.size() > 8 || n_res < 0 || n_res > n2l::kMaxResidual || (Cout != 1 && Cout != 3))
@@ -97,7 +97,9 @@ void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, in
   if (out.ndim() != 3 || out.shape(0) != static_cast<size_t>(H) || out.shape(1) != static_cast<size_t>(W) ||
       out.shape(2) != static_cast<size_t>(Cout))
     throw std::invalid_argument("output must be a C-contiguous uint8 array [H, W, out_channels]");
-  const size_t n_layers = 2 * M + synth_hidden.size() + 1 + n_res;
+  const int n_coded = static_cast<int>(coded.size());  // hybrid mode: the coarsest scales are transmitted
+  if (n_coded > M) throw std::invalid_argument("more coded latents than scales");
+  const size_t n_layers = 2 * (M - n_coded) + synth_hidden.size() + 1 + n_res;
   if (weights.size() != n_layers || biases.size() != n_layers)
     throw std::invalid_argument("expected " + std::to_string(n_layers) + " weight and bias arrays");
 
@@ -115,6 +117,13 @@ void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, in
   for (int s = M - 1; s >= 0; --s) {  // bitstream order, ModelConfig.layer_shapes()
     net.hs[s] = static_cast<int>((static_cast<int64_t>(H) + (1 << s) - 1) >> s);
     net.ws[s] = static_cast<int>((static_cast<int64_t>(W) + (1 << s) - 1) >> s);
+    if (s >= M - n_coded) {
+      const FloatArray& y = coded[M - 1 - s];
+      if (y.ndim() != 3 || y.shape(0) != static_cast<size_t>(C) || y.shape(1) != static_cast<size_t>(net.hs[s]) ||
+          y.shape(2) != static_cast<size_t>(net.ws[s]))
+        throw std::invalid_argument("coded latent of scale " + std::to_string(s) + " must be [C, h_s, w_s]");
+      continue;
+    }
     const int k = s >= gpp_kernel_min_scale ? gpp_kernel : 1;
     const int cin = s == M - 1 ? C : 2 * C;
     net.gpp0[s] = to_layer(weights[li], biases[li], cin, G, k, "gpp." + std::to_string(s) + ".0");
@@ -134,7 +143,9 @@ void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, in
   for (int s = 1; s < M; ++s) {
     ys[s].resize(static_cast<size_t>(C) * net.hs[s] * net.ws[s]);
     net.ys[s] = ys[s].data();
+    if (s >= M - n_coded) std::memcpy(net.ys[s], coded[M - 1 - s].data(), ys[s].size() * sizeof(float));
   }
+  if (n_coded == M) net.y0_coded = coded[M - 1].data();
   const Kernels& k = active();
   uint8_t* pixels = out.data();
   threads = std::max(1, threads);
@@ -144,7 +155,7 @@ void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, in
     // Coarse latents, coarsest first (each needs the next coarser one complete), in bands of
     // rows. The split depends only on the size, never on the thread count, and every row is
     // computed the same way in any band, so the pixels do not depend on `threads`.
-    for (int s = M - 1; s >= 1 && ok; --s) {
+    for (int s = M - 1 - n_coded; s >= 1 && ok; --s) {
       const int rows = std::max(8, static_cast<int>(65536 / std::max(1, net.ws[s])));
       const int n_bands = (net.hs[s] + rows - 1) / rows;
       ok = parallel_for(n_bands, threads, [&](int b) {
@@ -181,8 +192,9 @@ NB_MODULE(_core, m) {
   m.def("decode", &decode, nb::arg("seed"), nb::arg("height"), nb::arg("width"), nb::arg("n_scales"),
         nb::arg("latent_channels"), nb::arg("gpp_hidden"), nb::arg("gpp_kernel"), nb::arg("gpp_kernel_min_scale"),
         nb::arg("synth_hidden"), nb::arg("synth_residual"), nb::arg("out_channels"), nb::arg("weights"),
-        nb::arg("biases"), nb::arg("out"), nb::arg("threads"),
-        "Decode into out ([H, W, out_channels] uint8); weights and biases in bitstream order.");
+        nb::arg("biases"), nb::arg("coded"), nb::arg("out"), nb::arg("threads"),
+        "Decode into out ([H, W, out_channels] uint8); weights and biases in bitstream order, coded\n"
+        "latents ([C, h_s, w_s] float32) of the transmitted scales, coarsest first.");
   m.def("noise_into", &noise_into, nb::arg("seed"), nb::arg("scale"), nb::arg("y0"), nb::arg("x0"), nb::arg("out"),
         "Fill out ([channels, h, w] float32) with the noise of one scale at window origin (y0, x0).");
   m.def(

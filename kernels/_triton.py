@@ -360,7 +360,7 @@ def _pack(model: N2LModel) -> _Packed:
     }
 
     gpp = {}
-    for s in range(m):
+    for s in cfg.generated_scales:
         w, b = layers[f"gpp.{s}.0"]  # [G, CIN, k, k]
         g, cin, k, _ = w.shape
         w0 = _pad(w.permute(2, 3, 1, 0).reshape(k * k, cin, g), (k * k, cin, gp))
@@ -465,6 +465,9 @@ def _latent_buffer(model: N2LModel, seed: int, height: int, width: int, tiles: T
         )
     lat = torch.empty(offsets[-1], dtype=torch.float32, device=device)
     for s in reversed(range(cfg.n_scales)):
+        if cfg.is_coded(s):  # hybrid mode: the latent was transmitted
+            lat[offsets[s] : offsets[s + 1]] = model.coded_latent(s).detach().float().reshape(-1)
+            continue
         hs, ws = scale_shape(height, width, s)
         coarser = s < cfg.n_scales - 1
         h1, w1 = scale_shape(height, width, s + 1) if coarser else (1, 1)

@@ -89,7 +89,7 @@ def compile_kernels(config: ModelConfig, arch: int = 90) -> list[Compiled]:
             arch,
         )
     ]
-    variants = {(config.gpp_kernel_at(s), s < config.n_scales - 1) for s in range(config.n_scales)}
+    variants = {(config.gpp_kernel_at(s), s < config.n_scales - 1) for s in config.generated_scales}
     gpp_sig = {name: "*fp32" for name in ("lat_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr")}
     gpp_sig |= {"seed": "i64"} | {n: "i32" for n in ("scale", "out_off", "hs", "ws", "in_off", "h1", "w1")}
     for k, coarser in sorted(variants):

@@ -4,9 +4,12 @@ Layout (little-endian; see docs/FORMAT.md):
 
     magic "N2L" | version u8 | width u16 | height u16 | channels u8
     | n_scales u8 | latent_channels u8 | gpp_hidden u8 | gpp_kernel u8 | gpp_kernel_min_scale u8
-    | synth_residual u8 | n_synth_hidden u8 | synth_hidden u8 * n_synth_hidden
+    | synth_residual u8 | n_synth_hidden u8 | coded_scales u8 | synth_hidden u8 * n_synth_hidden
     | seed u32 | per tensor: exponent u8, scale_code i8, max_abs u16 | payload_len u32
     | payload | crc32 u32 (of every byte before it)
+
+The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
+first. Version 1 streams (no coded_scales byte, pure mode only) are still read.
 
 Every field is validated before anything is allocated or decoded; any problem raises
 FormatError with a message that says what was expected and what was found.
@@ -22,10 +25,12 @@ from .model import ModelConfig
 from .weights import MAX_EXPONENT, SCALE_CODE_RANGE, TensorCode
 
 MAGIC = b"N2L"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
-_FIXED = struct.Struct("<3sBHHB7B")  # magic .. n_synth_hidden
+MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
+_FIXED = {1: struct.Struct("<3sBHHB7B"), 2: struct.Struct("<3sBHHB8B")}  # magic .. coded_scales
 _CODE = struct.Struct("<BbH")
 _U32 = struct.Struct("<I")
 
@@ -55,22 +60,22 @@ class Header:
         return 8 * self.n_bytes / (self.width * self.height)
 
 
-def tensor_sizes(config: ModelConfig) -> list[int]:
-    """Element count of every coded tensor (weight then bias of each layer), in bitstream order."""
+def tensor_sizes(config: ModelConfig, height: int, width: int) -> list[int]:
+    """Element count of every coded tensor, in bitstream order (layer weights and biases, latents)."""
     sizes = []
     for _, cin, cout, k in config.layer_shapes():
         sizes += [cout * cin * k * k, cout]
-    return sizes
+    return sizes + [c * h * w for c, h, w in config.coded_shapes(height, width)]
 
 
 def write(header: Header, payload: bytes) -> bytes:
     """Serialize a header and its payload into a complete bitstream."""
     cfg = header.config
     out = bytearray(
-        _FIXED.pack(
+        _FIXED[VERSION].pack(
             MAGIC, VERSION, header.width, header.height, cfg.out_channels,
             cfg.n_scales, cfg.latent_channels, cfg.gpp_hidden, cfg.gpp_kernel,
-            cfg.gpp_kernel_min_scale, cfg.synth_residual, len(cfg.synth_hidden),
+            cfg.gpp_kernel_min_scale, cfg.synth_residual, len(cfg.synth_hidden), cfg.coded_scales,
         )
     )
     out += bytes(cfg.synth_hidden)
@@ -111,10 +116,12 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     magic = r.take(3, "magic")
     _check(magic == MAGIC, f"not an n2l bitstream: magic {magic!r}, expected {MAGIC!r}")
     (version,) = r.unpack(struct.Struct("<B"), "version")
-    _check(version == VERSION, f"unsupported n2l format version {version} (this decoder reads {VERSION})")
+    _check(version in READABLE_VERSIONS,
+           f"unsupported n2l format version {version} (this decoder reads {READABLE_VERSIONS})")
     r.pos = 0
     (_, _, width, height, channels, n_scales, latent_channels, gpp_hidden, gpp_kernel,
-     gpp_kernel_min_scale, synth_residual, n_hidden) = r.unpack(_FIXED, "header")
+     gpp_kernel_min_scale, synth_residual, n_hidden, *coded) = r.unpack(_FIXED[version], "header")
+    coded_scales = coded[0] if coded else 0
     _check(1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE,
            f"image size {width}x{height} out of range (1..{MAX_SIDE} per side)")
     _check(width * height <= MAX_PIXELS, f"image size {width}x{height} exceeds {MAX_PIXELS} pixels")
@@ -126,13 +133,17 @@ def read(buf: bytes) -> tuple[Header, bytes]:
             n_scales=n_scales, latent_channels=latent_channels, gpp_hidden=gpp_hidden,
             gpp_kernel=gpp_kernel, gpp_kernel_min_scale=gpp_kernel_min_scale,
             synth_hidden=synth_hidden, synth_residual=synth_residual, out_channels=channels,
+            coded_scales=coded_scales,
         )
     except ValueError as e:
         raise FormatError(str(e)) from None
+    n_coded = sum(c * h * w for c, h, w in config.coded_shapes(height, width))
+    _check(n_coded <= MAX_CODED_ELEMENTS,
+           f"{n_coded} transmitted latent values exceed this decoder's limit of {MAX_CODED_ELEMENTS}")
     (seed,) = r.unpack(_U32, "seed")
     codes = []
     lo, hi = SCALE_CODE_RANGE
-    for i in range(2 * len(config.layer_shapes())):
+    for i in range(2 * len(config.layer_shapes()) + config.coded_scales):
         exponent, scale_code, max_abs = r.unpack(_CODE, f"coding parameters of tensor {i}")
         _check(exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {exponent} > {MAX_EXPONENT}")
         _check(lo <= scale_code <= hi, f"tensor {i}: Laplace scale code {scale_code} outside {lo}..{hi}")

@@ -97,6 +97,7 @@ def decode_cpu(model: N2LModel, seed: int, height: int, width: int, threads: int
         raise ValueError(f"image size must be positive, got {height}x{width}")
     cfg = model.config
     weights, biases = _layer_arrays(model)
+    coded = [np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy()[0]) for y in model.coded]
     out = np.empty((height, width, cfg.out_channels), dtype=np.uint8)
     core.decode(
         seed & 0xFFFFFFFF,
@@ -112,6 +113,7 @@ def decode_cpu(model: N2LModel, seed: int, height: int, width: int, threads: int
         cfg.out_channels,
         weights,
         biases,
+        coded,
         out,
         default_threads() if threads is None else max(1, int(threads)),
     )

@@ -84,13 +84,13 @@ def reconstruct(
 def load_model(buf: bytes, device: torch.device | str = "cpu") -> tuple[bitstream.Header, N2LModel]:
     """Parse a bitstream and rebuild its network with dequantized float32 weights."""
     header, payload = bitstream.read(buf)
-    sizes = bitstream.tensor_sizes(header.config)
+    sizes = bitstream.tensor_sizes(header.config, header.height, header.width)
     try:
         qs = decode_tensors(payload, list(header.codes), sizes)
     except Exception as e:  # constriction rejects payloads that cannot be decoded
         raise FormatError(f"corrupted weight payload: {e}") from None
-    model = N2LModel(header.config)
-    tensors = [t for _, conv in model.named_layers() for t in (conv.weight, conv.bias)]
+    model = N2LModel(header.config, header.height, header.width)
+    tensors = list(model.parameters())  # bitstream order
     with torch.no_grad():
         for t, q, code in zip(tensors, qs, header.codes):
             t.copy_(dequantize(q, code.exponent, t.shape))

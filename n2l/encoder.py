@@ -58,29 +58,33 @@ class TrainingConfig:
     init_log2_step: float = -8.0
 
 
-def laplace_entropy_bits(beta: torch.Tensor) -> torch.Tensor:
-    """Entropy (bits per symbol) of a zero-mean Laplace of scale beta quantized to unit bins."""
-    beta = beta.clamp_min(1e-3)
-    r = torch.exp(-0.5 / beta)  # sqrt of the geometric ratio a = exp(-1/beta)
-    a = r * r
-    log_p1 = math.log(0.5) + torch.log1p(-a) + 0.5 / beta  # log p_k = log_p1' + k log a
-    nats = -(1 - r) * torch.log1p(-r) - r * log_p1 + r / (beta * (1 - a))
-    return nats / math.log(2)
+def laplace_bits(v: torch.Tensor) -> torch.Tensor:
+    """Bits to code values v (in units of their step) under a zero-mean Laplace with unit bins.
+
+    The Laplace scale is fitted to v (mean |v|), as the coder fits it to the integers; each
+    value costs -log2 P([|v| - 1/2, |v| + 1/2]), so the estimate follows the real distribution
+    (latents are far from Laplacian) rather than the entropy of an ideal Laplace source.
+    """
+    a = v.abs()
+    b = a.mean().clamp_min(1e-3)
+    lo = a - 0.5
+    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / b))  # |v| >= 1/2
+    centre = torch.log((1 - 0.5 * (torch.exp(-(a + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
+    return -torch.where(lo >= 0, tail, centre).sum() / math.log(2)
 
 
 class _RateProxy:
-    """Differentiable weight rate: per tensor, N * H(mean|w| / step) with a learned log2 step."""
+    """Differentiable rate of every coded tensor: Laplace bits of w / step, with a learned log2 step."""
 
     def __init__(self, model: N2LModel, init_log2_step: float):
-        n_tensors = len(list(model.parameters()))
-        self.log2_steps = torch.full((n_tensors,), init_log2_step, device=next(model.parameters()).device,
-                                     requires_grad=True)
+        # Weights start at a fine step; transmitted latents (hybrid mode) at step 1, like Cool-chic's.
+        n_layers = 2 * len(model.config.layer_shapes())
+        init = [init_log2_step] * n_layers + [0.0] * len(model.coded)
+        self.log2_steps = torch.tensor(init, device=next(model.parameters()).device, requires_grad=True)
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         steps = torch.exp2(self.log2_steps)
-        return sum(
-            p.numel() * laplace_entropy_bits(p.abs().mean() / steps[i]) for i, p in enumerate(params.values())
-        )
+        return sum(laplace_bits(p / steps[i]) for i, p in enumerate(params.values()))
 
     def noisy(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         steps = torch.exp2(self.log2_steps)
@@ -103,7 +107,7 @@ class _Trainer:
     def __init__(self, config: ModelConfig, seed: int, target: torch.Tensor, lmbda: float, tc: TrainingConfig):
         self.seed, self.target, self.lmbda, self.tc = seed, target, lmbda, tc
         torch.manual_seed(seed)
-        self.model = N2LModel(config).to(target.device)
+        self.model = N2LModel(config, target.shape[-2], target.shape[-1]).to(target.device)
         self.noise = self.model.noise(seed, target.shape[-2], target.shape[-1])
         self.rate = _RateProxy(self.model, tc.init_log2_step)
         self.params = dict(self.model.named_parameters())

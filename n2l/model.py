@@ -3,6 +3,9 @@
 Data flow for an H x W image (scale s has size ceil(H/2^s) x ceil(W/2^s), s = 0 is full size):
 
     for s = M-1 (coarsest) down to 0:
+        if s is coded (hybrid mode, s >= M - coded_scales):
+            y_s = the transmitted latent (integers times a power-of-two step); no GPP, no noise
+            continue
         u_s   = up2(y_{s+1})                       (absent at the coarsest scale)
         h     = relu(conv_kxk([z_s, u_s]))          GPP layer 0 ("gpp.s.0")
         p     = conv_1x1(h)                         GPP layer 1 ("gpp.s.1"), 2C channels
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise import noise_pyramid, scale_shape
+from .noise import noise_block, scale_shape
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ModelConfig:
     synth_hidden: tuple[int, ...] = (16,)  # hidden widths of the 1x1 synthesis layers
     synth_residual: int = 1  # number of 3x3 residual layers on the output after the 1x1 layers
     out_channels: int = 3  # 3 for RGB, 1 for grayscale images
+    coded_scales: int = 0  # hybrid mode: the latents of this many coarsest scales are transmitted
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "synth_hidden", tuple(int(h) for h in self.synth_hidden))
@@ -52,10 +56,25 @@ class ModelConfig:
             (all(1 <= h <= 255 for h in self.synth_hidden), "synth_hidden widths must be in 1..255"),
             (0 <= self.synth_residual <= 8, "synth_residual must be in 0..8"),
             (self.out_channels in (1, 3), "out_channels must be 1 or 3"),
+            (0 <= self.coded_scales <= self.n_scales, "coded_scales must be in 0..n_scales"),
         )
         for ok, message in limits:
             if not ok:
                 raise ValueError(f"invalid ModelConfig: {message} (got {self})")
+
+    def is_coded(self, scale: int) -> bool:
+        """Whether scale `scale` is transmitted (hybrid mode) rather than generated from noise."""
+        return scale >= self.n_scales - self.coded_scales
+
+    @property
+    def generated_scales(self) -> list[int]:
+        """The scales produced by a GPP from noise, coarsest first."""
+        return [s for s in reversed(range(self.n_scales)) if not self.is_coded(s)]
+
+    @property
+    def coded_scale_list(self) -> list[int]:
+        """The transmitted scales, coarsest first (their order in the bitstream)."""
+        return [s for s in reversed(range(self.n_scales)) if self.is_coded(s)]
 
     def gpp_kernel_at(self, scale: int) -> int:
         return self.gpp_kernel if scale >= self.gpp_kernel_min_scale else 1
@@ -69,7 +88,7 @@ class ModelConfig:
         """(name, in_channels, out_channels, kernel) of every convolution, in bitstream order."""
         c, g = self.latent_channels, self.gpp_hidden
         shapes = []
-        for s in reversed(range(self.n_scales)):
+        for s in self.generated_scales:
             shapes.append((f"gpp.{s}.0", self.gpp_in_channels(s), g, self.gpp_kernel_at(s)))
             shapes.append((f"gpp.{s}.1", g, 2 * c, 1))
         widths = (self.n_scales * c, *self.synth_hidden, self.out_channels)
@@ -80,7 +99,12 @@ class ModelConfig:
         return shapes
 
     def n_params(self) -> int:
+        """Network parameters (the transmitted latents of hybrid mode not included)."""
         return sum(cout * (cin * k * k + 1) for _, cin, cout, k in self.layer_shapes())
+
+    def coded_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """[C, h_s, w_s] of every transmitted latent, in bitstream order (coarsest first)."""
+        return [(self.latent_channels, *scale_shape(height, width, s)) for s in self.coded_scale_list]
 
     def macs_per_pixel(self, height: int | None = None, width: int | None = None) -> float:
         """Multiply-accumulates per decoded pixel, counted exactly.
@@ -97,10 +121,11 @@ class ModelConfig:
             else:
                 hs, ws = scale_shape(height, width, s)
                 area = hs * ws / (height * width)
-            k = self.gpp_kernel_at(s)
-            gpp = k * k * self.gpp_in_channels(s) * self.gpp_hidden + self.gpp_hidden * 2 * c
-            up_coarser = 4 * c if s < self.n_scales - 1 else 0
-            total += area * (gpp + c + up_coarser)
+            if not self.is_coded(s):
+                k = self.gpp_kernel_at(s)
+                gpp = k * k * self.gpp_in_channels(s) * self.gpp_hidden + self.gpp_hidden * 2 * c
+                up_coarser = 4 * c if s < self.n_scales - 1 else 0
+                total += area * (gpp + c + up_coarser)
             total += 4 * c if s > 0 else 0  # upsampling y_s to full size
         widths = (self.n_scales * c, *self.synth_hidden, self.out_channels)
         total += sum(a * b for a, b in zip(widths[:-1], widths[1:]))
@@ -108,8 +133,9 @@ class ModelConfig:
         return total
 
     def summary(self) -> str:
+        coded = f" ({self.coded_scales} coarsest coded)" if self.coded_scales else ""
         return (
-            f"{self.n_scales} scales x {self.latent_channels} ch, "
+            f"{self.n_scales} scales x {self.latent_channels} ch{coded}, "
             f"GPP hidden {self.gpp_hidden} ({self.gpp_kernel}x{self.gpp_kernel} from scale "
             f"{self.gpp_kernel_min_scale}), synthesis {list(self.synth_hidden)} "
             f"+ {self.synth_residual} residual 3x3; "
@@ -163,9 +189,14 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 class N2LModel(nn.Module):
-    """The decoder network of one image; the reference implementation of n2l decoding."""
+    """The decoder network of one image; the reference implementation of n2l decoding.
 
-    def __init__(self, config: ModelConfig):
+    In hybrid mode (config.coded_scales > 0) the transmitted latents are parameters too, so
+    the image size must be given. `named_parameters()` lists every coded tensor in bitstream
+    order: each convolution's weight then bias, then the coded latents, coarsest first.
+    """
+
+    def __init__(self, config: ModelConfig, height: int | None = None, width: int | None = None):
         super().__init__()
         self.config = config
         self.convs = nn.ModuleDict()
@@ -175,6 +206,10 @@ class N2LModel(nn.Module):
             conv = self.layer(f"synth_res.{r}")
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
+        if config.coded_scales and (height is None or width is None):
+            raise ValueError("a hybrid-mode model (coded_scales > 0) needs the image height and width")
+        shapes = config.coded_shapes(height, width) if config.coded_scales else []
+        self.coded = nn.ParameterList([nn.Parameter(torch.zeros(1, *shape)) for shape in shapes])
 
     def layer(self, name: str) -> nn.Conv2d:
         return self.convs[name.replace(".", "_")]
@@ -183,12 +218,21 @@ class N2LModel(nn.Module):
         """Convolutions in bitstream order (see ModelConfig.layer_shapes)."""
         return [(name, self.layer(name)) for name, *_ in self.config.layer_shapes()]
 
-    def latents(self, noise: list[torch.Tensor]) -> list[torch.Tensor]:
-        """GPP + reparameterization: noise pyramid -> latents y_s, both lists of [B, C, h_s, w_s]."""
+    def coded_latent(self, scale: int) -> torch.Tensor:
+        """The transmitted latent of a coded scale, [1, C, h_s, w_s]."""
+        return self.coded[self.config.n_scales - 1 - scale]
+
+    def latents(self, noise: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """GPP + reparameterization: noise pyramid -> latents y_s, lists of [B, C, h_s, w_s].
+
+        Coded scales take their transmitted latent and ignore their noise entry (may be None)."""
         cfg = self.config
         c = cfg.latent_channels
         ys: list[torch.Tensor] = [None] * cfg.n_scales  # type: ignore[list-item]
         for s in reversed(range(cfg.n_scales)):
+            if cfg.is_coded(s):
+                ys[s] = self.coded_latent(s)
+                continue
             z = noise[s]
             if s == cfg.n_scales - 1:
                 u, x = 0.0, z
@@ -213,16 +257,21 @@ class N2LModel(nn.Module):
             x = x + _conv(x, self.layer(f"synth_res.{r}"))
         return x
 
-    def forward(self, noise: list[torch.Tensor]) -> torch.Tensor:
-        """Noise pyramid (finest first, each [B, C, h_s, w_s]) -> image [B, out_channels, H, W], not clamped."""
-        height, width = noise[0].shape[-2:]
-        return self.synthesis(self.latents(noise), height, width)
+    def forward(self, noise: list[torch.Tensor | None]) -> torch.Tensor:
+        """Noise pyramid (finest first, [B, C, h_s, w_s], None at coded scales) -> image
+        [B, out_channels, H, W], not clamped."""
+        ys = self.latents(noise)
+        return self.synthesis(ys, *ys[0].shape[-2:])
 
-    def noise(self, seed: int, height: int, width: int) -> list[torch.Tensor]:
-        """The noise pyramid this model decodes from, batched: list of [1, C, h_s, w_s]."""
+    def noise(self, seed: int, height: int, width: int) -> list[torch.Tensor | None]:
+        """The noise pyramid this model decodes from: [1, C, h_s, w_s] per scale, None where coded."""
         device = next(self.parameters()).device
         cfg = self.config
-        return [z[None] for z in noise_pyramid(seed, height, width, cfg.n_scales, cfg.latent_channels, device)]
+        return [
+            None if cfg.is_coded(s) else noise_block(seed, s, cfg.latent_channels, 0, 0,
+                                                     *scale_shape(height, width, s), device=device)[None]
+            for s in range(cfg.n_scales)
+        ]
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

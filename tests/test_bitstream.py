@@ -1,5 +1,6 @@
 """Bitstream: golden file, round trip, and bad input of every kind -> FormatError only."""
 
+import dataclasses
 import hashlib
 import struct
 import zlib
@@ -25,11 +26,15 @@ def test_header_round_trip(tiny_stream):
 
 
 def test_golden_file():
-    """A committed stream must keep parsing, re-serializing and decoding to the same pixels."""
+    """A committed version-1 stream must keep parsing and decoding to the same pixels; written
+    again it becomes a version-2 stream with the same content."""
     buf = GOLDEN.read_bytes()
     header, payload = bitstream.read(buf)
-    assert (header.width, header.height, header.seed) == (16, 16, 0)
-    assert bitstream.write(header, payload) == buf
+    assert buf[3] == 1 and (header.width, header.height, header.seed) == (16, 16, 0)
+    assert header.config.coded_scales == 0
+    again = bitstream.write(header, payload)
+    assert again[3] == bitstream.VERSION and len(again) == len(buf) + 1
+    assert bitstream.read(again) == (dataclasses.replace(header, n_bytes=len(again)), payload)
     pixels = n2l.decode(buf, device="cpu", backend="torch")
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == (GOLDEN.with_suffix(".sha256")).read_text().split()[0]
 
@@ -79,13 +84,14 @@ def test_corrupted_payload_with_valid_crc_never_crashes(tiny_stream):
     "offset,value,message",
     [
         (0, b"X", "magic"),
-        (3, b"\x02", "version"),
+        (3, b"\x03", "version"),
         (4, b"\x00\x00", "size"),  # width 0
         (6, b"\xff\xff", "size"),  # height 65535
         (8, b"\x02", "channel"),
         (9, b"\x00", "n_scales"),
         (12, b"\x05", "gpp_kernel"),
         (15, b"\x09", "hidden"),
+        (16, b"\x08", "coded_scales"),  # more coded scales than the 7 scales
     ],
 )
 def test_bad_header_fields(tiny_stream, offset, value, message):
@@ -99,6 +105,14 @@ def test_absurd_dimensions_rejected_before_allocation(tiny_stream):
     body = bytearray(tiny_stream[:-4])
     body[4:8] = struct.pack("<HH", 32768, 32768)  # 1 Gpixel: above MAX_PIXELS
     with pytest.raises(FormatError, match="exceeds"):
+        bitstream.read(_with_crc(bytes(body)))
+
+
+def test_absurd_coded_latents_rejected_before_allocation(tiny_stream):
+    body = bytearray(tiny_stream[:-4])
+    body[4:8] = struct.pack("<HH", 16384, 4096)  # allowed size ...
+    body[16] = 7  # ... but every latent transmitted: over 10^8 values
+    with pytest.raises(FormatError, match="latent values exceed"):
         bitstream.read(_with_crc(bytes(body)))
 
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import n2l
+from n2l.decoder import backend_available
 from n2l.images import ImageError
 
 
@@ -94,3 +95,17 @@ def test_rate_control_never_exceeds_the_target_size(crop64):
     assert len(buf) >= 0.5 * target  # the controller uses the budget, not a token stream
     with pytest.raises(ValueError, match="smallest stream"):
         n2l.encode(crop64, target_bytes=20, iterations=10, verbose=False)
+
+
+def test_hybrid_mode_round_trip(crop64):
+    """Hybrid mode: transmitted coarse latents; every backend here decodes the same stream."""
+    config = n2l.preset("fast", coded_scales=3)
+    buf = n2l.encode(crop64, quality=4, config=config, iterations=300, verbose=False)
+    header = n2l.read_header(buf)
+    assert header.config.coded_scales == 3 and len(header.codes) == 2 * len(config.layer_shapes()) + 3
+    decoded = n2l.decode(buf, device="cpu", backend="torch")
+    flat = np.broadcast_to(crop64.reshape(-1, 3).mean(0).round().astype(np.uint8), crop64.shape)
+    assert n2l.psnr(decoded, crop64) > n2l.psnr(flat, crop64) + 6
+    if backend_available("cpu"):
+        cpu = n2l.decode(buf, device="cpu", backend="cpu")
+        assert np.abs(cpu.astype(int) - decoded.astype(int)).max() <= 1

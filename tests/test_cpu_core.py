@@ -21,10 +21,11 @@ pytestmark = pytest.mark.skipif(
 SIZES = [(1, 1), (7, 13), (65, 33), (256, 256)]
 
 
-def random_model(cfg: ModelConfig, seed: int) -> N2LModel:
-    """Random weights scaled to unit gain, so latents stay O(1) and pixels span [0, 1] unclamped."""
+def random_model(cfg: ModelConfig, seed: int, height: int | None = None, width: int | None = None) -> N2LModel:
+    """Random weights scaled to unit gain, so latents stay O(1) and pixels span [0, 1] unclamped.
+    Hybrid configs need the size; their coded latents are random small integers."""
     gen = torch.Generator().manual_seed(seed)
-    model = N2LModel(cfg)
+    model = N2LModel(cfg, height, width)
     last_synth = f"synth.{len(cfg.synth_hidden)}"
     with torch.no_grad():
         for name, conv in model.named_layers():
@@ -35,6 +36,8 @@ def random_model(cfg: ModelConfig, seed: int) -> N2LModel:
             if name == last_synth:  # centre the output in [0, 1] with a spread of ~0.3
                 conv.weight.mul_(0.15)
                 conv.bias.fill_(0.5)
+        for y in model.coded:
+            y.copy_(torch.round(torch.randn(y.shape, generator=gen) * 1.5))
     return model
 
 
@@ -108,6 +111,18 @@ def test_random_configs_match_torch(case: int, each_isa) -> None:
             assert len(np.unique(ref)) > 20, "test weights should not saturate the output"
         for _isa in each_isa():
             assert_close(cpu.decode_cpu(model, seed, height, width, threads=2), ref)
+
+
+@pytest.mark.parametrize("coded", [1, 3, 4])
+def test_hybrid_coded_latents_match_torch(coded: int, each_isa) -> None:
+    """Transmitted coarse latents (and, with coded == n_scales, every latent) feed the same network."""
+    cfg = ModelConfig(n_scales=4, latent_channels=2, gpp_hidden=6, gpp_kernel_min_scale=0, synth_hidden=(8,),
+                      synth_residual=1, coded_scales=coded)
+    for height, width in [(1, 1), (7, 13), (65, 33)]:
+        model = random_model(cfg, seed=coded, height=height, width=width)
+        ref = reference(model, 5, height, width)
+        for _isa in each_isa():
+            assert_close(cpu.decode_cpu(model, 5, height, width, threads=2), ref)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -58,10 +58,11 @@ def random_config(rng: random.Random, **fixed) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def random_model(config: ModelConfig, seed: int) -> N2LModel:
-    """Random weights scaled so latents and pixels span a useful range (not all clamped)."""
+def random_model(config: ModelConfig, seed: int, height: int = 24, width: int = 24) -> N2LModel:
+    """Random weights scaled so latents and pixels span a useful range (not all clamped).
+    Hybrid configs are made for one image size; their coded latents are random small integers."""
     torch.manual_seed(seed)
-    model = N2LModel(config)
+    model = N2LModel(config, height, width)
     n_synth = len(config.synth_hidden) + 1
     with torch.no_grad():
         for name, conv in model.named_layers():
@@ -70,11 +71,13 @@ def random_model(config: ModelConfig, seed: int) -> N2LModel:
             conv.bias.normal_(0, 0.2)
             if name.startswith("synth_res"):
                 conv.weight.mul_(0.3)
+        for y in model.coded:
+            y.copy_(torch.round(torch.randn(y.shape) * 1.5))
         # Calibrate the last 1x1 layer on a probe image so every output channel is centred at
         # mid-grey with a spread of ~0.2 (twice: the residual layers shift it a little).
         last = model.layer(f"synth.{n_synth - 1}")
         for _ in range(2):
-            out = model(model.noise(99, 24, 24))[0].flatten(1)
+            out = model(model.noise(99, height, width))[0].flatten(1)
             gain = 0.2 / out.std(dim=1).clamp_min(1e-3)
             last.weight.mul_(gain[:, None, None, None])
             last.bias.mul_(gain).add_(0.5 - out.mean(dim=1) * gain)
@@ -166,6 +169,18 @@ def test_latents_synthesis_decode(config: ModelConfig):
         assert_pixels_close(got, to_uint8(image))
     # The weights make a non-trivial image: most pixels not clamped to 0 or 255.
     assert ((image > 0.02) & (image < 0.98)).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("coded", [2, 3])
+def test_hybrid_coded_latents(coded: int):
+    """Transmitted latents (the coarsest scales, or all of them) replace the GPP there."""
+    config = ModelConfig(**{**CONFIGS[4].to_dict(), "coded_scales": coded})
+    for height, width in SIZES:
+        model = random_model(config, seed=coded, height=height, width=width)
+        _, ys, image = reference(model, 8, height, width)
+        for got, want in zip(nk.latents_triton(model, 8, height, width), ys):
+            torch.testing.assert_close(got, want, rtol=LATENT_RTOL, atol=LATENT_ATOL)
+        assert_pixels_close(nk.decode_triton(model, 8, height, width), to_uint8(image))
 
 
 def test_decoder_backend_matches_torch():
