@@ -12,7 +12,7 @@ from .encoder import TrainingConfig, encode
 from .images import ImageError, load_image, psnr
 from .model import PRESETS, ModelConfig, preset
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "PRESETS",
     "FormatError",

@@ -5,8 +5,9 @@ Layout (little-endian; see docs/FORMAT.md):
     magic "N2L" | version u8 | width u16 | height u16 | channels u8
     | n_scales u8 | latent_channels u8 | gpp_hidden u8 | gpp_kernel u8 | gpp_kernel_min_scale u8
     | synth_residual u8 | n_synth_hidden u8 | coded_scales u8 | synth_hidden u8 * n_synth_hidden
-    | seed u32 | per tensor: exponent u8, scale_code i8, max_abs u16 | payload_len u32
-    | payload | crc32 u32 (of every byte before it)
+    | seed u32 | per layer tensor: exponent u8, scale_code i8, max_abs u16
+    | per coded latent: exponent u8, scale_code i8, max_abs u16, pred_scale_code i8, alpha u8
+    | payload_len u32 | payload | crc32 u32 (of every byte before it)
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
 first. Version 1 streams (no coded_scales byte, pure mode only) are still read.
@@ -22,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 
 from .model import ModelConfig
-from .weights import MAX_EXPONENT, SCALE_CODE_RANGE, TensorCode
+from .weights import ALPHA_ONE, MAX_EXPONENT, SCALE_CODE_RANGE, LatentCode, TensorCode
 
 MAGIC = b"N2L"
 VERSION = 2
@@ -32,6 +33,7 @@ MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
 _FIXED = {1: struct.Struct("<3sBHHB7B"), 2: struct.Struct("<3sBHHB8B")}  # magic .. coded_scales
 _CODE = struct.Struct("<BbH")
+_LATENT_CODE = struct.Struct("<BbHbB")
 _U32 = struct.Struct("<I")
 
 
@@ -60,12 +62,12 @@ class Header:
         return 8 * self.n_bytes / (self.width * self.height)
 
 
-def tensor_sizes(config: ModelConfig, height: int, width: int) -> list[int]:
-    """Element count of every coded tensor, in bitstream order (layer weights and biases, latents)."""
-    sizes = []
+def tensor_shapes(config: ModelConfig, height: int, width: int) -> list[tuple[int, ...]]:
+    """Shape of every coded tensor, in bitstream order (layer weights and biases, latents)."""
+    shapes: list[tuple[int, ...]] = []
     for _, cin, cout, k in config.layer_shapes():
-        sizes += [cout * cin * k * k, cout]
-    return sizes + [c * h * w for c, h, w in config.coded_shapes(height, width)]
+        shapes += [(cout, cin, k, k), (cout,)]
+    return shapes + config.coded_shapes(height, width)
 
 
 def write(header: Header, payload: bytes) -> bytes:
@@ -81,7 +83,10 @@ def write(header: Header, payload: bytes) -> bytes:
     out += bytes(cfg.synth_hidden)
     out += _U32.pack(header.seed)
     for code in header.codes:
-        out += _CODE.pack(code.exponent, code.scale_code, code.max_abs)
+        if isinstance(code, LatentCode):
+            out += _LATENT_CODE.pack(code.exponent, code.scale_code, code.max_abs, code.pred_scale_code, code.alpha)
+        else:
+            out += _CODE.pack(code.exponent, code.scale_code, code.max_abs)
     out += _U32.pack(len(payload)) + payload
     out += _U32.pack(zlib.crc32(out))
     return bytes(out)
@@ -143,11 +148,19 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     (seed,) = r.unpack(_U32, "seed")
     codes = []
     lo, hi = SCALE_CODE_RANGE
-    for i in range(2 * len(config.layer_shapes()) + config.coded_scales):
-        exponent, scale_code, max_abs = r.unpack(_CODE, f"coding parameters of tensor {i}")
+    n_layer_tensors = 2 * len(config.layer_shapes())
+    for i in range(n_layer_tensors + config.coded_scales):
+        latent = i >= n_layer_tensors
+        if latent:
+            exponent, scale_code, max_abs, pred_scale_code, alpha = r.unpack(_LATENT_CODE, f"coding parameters of tensor {i}")
+            _check(lo <= pred_scale_code <= hi, f"tensor {i}: Laplace scale code {pred_scale_code} outside {lo}..{hi}")
+            _check(alpha <= ALPHA_ONE, f"tensor {i}: prediction weight {alpha} > {ALPHA_ONE}")
+        else:
+            exponent, scale_code, max_abs = r.unpack(_CODE, f"coding parameters of tensor {i}")
         _check(exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {exponent} > {MAX_EXPONENT}")
         _check(lo <= scale_code <= hi, f"tensor {i}: Laplace scale code {scale_code} outside {lo}..{hi}")
-        codes.append(TensorCode(exponent, scale_code, max_abs))
+        codes.append(LatentCode(exponent, scale_code, max_abs, pred_scale_code, alpha) if latent
+                     else TensorCode(exponent, scale_code, max_abs))
     (payload_len,) = r.unpack(_U32, "payload length")
     _check(payload_len % 4 == 0, f"payload length {payload_len} is not a multiple of 4")
     remaining = len(buf) - r.pos

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bitstream, decoder
-from .encoder import QUALITY_LAMBDAS, encode
+from .encoder import MODES, QUALITY_LAMBDAS, encode
 from .images import ImageError, atomic_write, load_image, psnr, save_image
 from .model import PRESETS
 
@@ -43,7 +43,7 @@ def _encode_and_report(image, args: argparse.Namespace) -> tuple[bytes, np.ndarr
         target_bytes = int(args.target_bpp * original.shape[0] * original.shape[1] / 8)
     started = time.perf_counter()
     buf = encode(
-        original, quality=args.quality, preset=args.preset, lmbda=args.lmbda, iterations=args.iterations,
+        original, quality=args.quality, mode=args.mode, preset=args.preset, lmbda=args.lmbda, iterations=args.iterations,
         seeds=args.seeds, device=args.device, target_bytes=target_bytes, target_psnr=args.target_psnr,
         verbose=not args.quiet,
     )
@@ -100,8 +100,12 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda", dest="lmbda", type=float, default=None,
                    help=f"rate-distortion lambda, overrides --quality's ({QUALITY_LAMBDAS[0]:.0e}.."
                         f"{QUALITY_LAMBDAS[-1]:.0e})")
+    p.add_argument("--mode", choices=MODES, default="pure",
+                   help="pure: latents generated from seeded noise (the paper's design); "
+                        "hybrid: latents transmitted (smaller files at every quality so far)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture (decode cost)")
-    p.add_argument("--iterations", "-n", type=int, default=None, help="training iterations (default 2000)")
+    p.add_argument("--iterations", "-n", type=int, default=None,
+                   help="training iterations (default 2000 pure, 4000 hybrid)")
     p.add_argument("--seeds", type=int, default=1, help="noise seeds to try, keeping the best")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-size", type=parse_size, default=None, metavar="SIZE",

@@ -84,9 +84,9 @@ def reconstruct(
 def load_model(buf: bytes, device: torch.device | str = "cpu") -> tuple[bitstream.Header, N2LModel]:
     """Parse a bitstream and rebuild its network with dequantized float32 weights."""
     header, payload = bitstream.read(buf)
-    sizes = bitstream.tensor_sizes(header.config, header.height, header.width)
+    shapes = bitstream.tensor_shapes(header.config, header.height, header.width)
     try:
-        qs = decode_tensors(payload, list(header.codes), sizes)
+        qs = decode_tensors(payload, list(header.codes), shapes)
     except Exception as e:  # constriction rejects payloads that cannot be decoded
         raise FormatError(f"corrupted weight payload: {e}") from None
     model = N2LModel(header.config, header.height, header.width)

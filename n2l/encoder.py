@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -26,7 +27,17 @@ from tqdm.auto import tqdm
 from . import bitstream
 from .images import ImageLike, load_image, to_tensor
 from .model import PRESETS, ModelConfig, N2LModel, preset
-from .weights import MAX_EXPONENT, TensorCode, dequantize, encode_tensors, fit_code, quantize, tensor_bits
+from .weights import (
+    MAX_EXPONENT,
+    TensorCode,
+    anchor_mask,
+    dequantize,
+    encode_tensors,
+    fit_code,
+    neighbour_sum_count,
+    quantize,
+    tensor_bits,
+)
 
 # quality 0..8 -> lambda (MSE on [0, 1] + lambda * bits per pixel) and architecture. With no
 # latents every bit is a parameter, so the network must grow with the quality.
@@ -42,6 +53,17 @@ QUALITY_CONFIGS = (
     ModelConfig(latent_channels=8, gpp_hidden=20, gpp_kernel_min_scale=1, synth_hidden=(32, 16), synth_residual=2),
     ModelConfig(latent_channels=8, gpp_hidden=28, gpp_kernel_min_scale=1, synth_hidden=(40, 24), synth_residual=2),
 )
+# Hybrid mode (METHOD.md section 6): the six coarsest latent scales are transmitted, one
+# channel each like Cool-chic's latent grids, and the full-resolution latent is generated from
+# seeded noise by a small 1x1 GPP. On a kodim23 crop this had a lower RD cost than transmitting
+# every scale, generating two, or the pure mode (bench/RESULTS.md 6).
+_HYBRID = ModelConfig(latent_channels=1, coded_scales=6, gpp_hidden=4)
+HYBRID_CONFIGS = (
+    *(replace(_HYBRID, synth_hidden=(12,)) for _ in range(3)),
+    *(replace(_HYBRID, synth_hidden=(16,)) for _ in range(3)),
+    *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2) for _ in range(3)),
+)
+MODES = ("pure", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -73,18 +95,38 @@ def laplace_bits(v: torch.Tensor) -> torch.Tensor:
     return -torch.where(lo >= 0, tail, centre).sum() / math.log(2)
 
 
+def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
+    """Bits of a latent v [C, h, w] (in units of its step) under the checkerboard model of
+    n2l.weights.LatentCode: anchors zero-mean; the others predicted from their anchor
+    neighbours, with the prediction weight fitted by least squares as the coder fits it."""
+    h, w = v.shape[-2:]
+    mask = torch.from_numpy(anchor_mask(h, w)).to(v.device)
+    if h * w == 1:
+        return laplace_bits(v)
+    padded = F.pad(torch.where(mask, v, 0.0), (1, 1, 1, 1))
+    total = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    count = torch.from_numpy(neighbour_sum_count(np.zeros((1, h, w), np.int64))[1].copy()).to(v)
+    others, pred = v[:, ~mask], (total / count)[:, ~mask]
+    alpha = ((others * pred).sum() / (pred * pred).sum().clamp_min(1e-9)).clamp(0, 1).detach()
+    return laplace_bits(v[:, mask]) + laplace_bits(others - alpha * pred)
+
+
 class _RateProxy:
-    """Differentiable rate of every coded tensor: Laplace bits of w / step, with a learned log2 step."""
+    """Differentiable rate of every coded tensor in units of its learned log2 step: Laplace bits
+    for the weights, checkerboard bits for the transmitted latents."""
 
     def __init__(self, model: N2LModel, init_log2_step: float):
         # Weights start at a fine step; transmitted latents (hybrid mode) at step 1, like Cool-chic's.
-        n_layers = 2 * len(model.config.layer_shapes())
-        init = [init_log2_step] * n_layers + [0.0] * len(model.coded)
+        self.n_layer_tensors = 2 * len(model.config.layer_shapes())
+        init = [init_log2_step] * self.n_layer_tensors + [0.0] * len(model.coded)
         self.log2_steps = torch.tensor(init, device=next(model.parameters()).device, requires_grad=True)
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         steps = torch.exp2(self.log2_steps)
-        return sum(laplace_bits(p / steps[i]) for i, p in enumerate(params.values()))
+        return sum(
+            laplace_bits(p / steps[i]) if i < self.n_layer_tensors else checkerboard_bits(p[0] / steps[i])
+            for i, p in enumerate(params.values())
+        )
 
     def noisy(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         steps = torch.exp2(self.log2_steps)
@@ -155,7 +197,9 @@ class _Quantizer:
         key = (name, exponent)
         if key not in self.cache:
             q = quantize(self.float_params[name], exponent)
-            code = fit_code(q, exponent)
+            latent = name.startswith("coded.")
+            q = q[0] if latent else q  # a latent is coded as [C, h, w]
+            code = fit_code(q, exponent, latent=latent)
             self.cache[key] = (q, code, tensor_bits(q, code))
         return self.cache[key]
 
@@ -260,14 +304,21 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_byte
     return closest[1]
 
 
-def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None):
+def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
     if not 0 <= quality <= 8:
         raise ValueError(f"quality must be in 0..8, got {quality}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lam = QUALITY_LAMBDAS[quality] if lmbda is None else float(lmbda)
     if lam <= 0 or not math.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lmbda}")
     if config is None:
-        config = preset(preset_name) if preset_name else QUALITY_CONFIGS[quality]
+        if preset_name:
+            config = preset(preset_name)
+            if mode == "hybrid":
+                config = replace(config, coded_scales=config.n_scales)
+        else:
+            config = (HYBRID_CONFIGS if mode == "hybrid" else QUALITY_CONFIGS)[quality]
     return lam, config
 
 
@@ -275,6 +326,7 @@ def encode(
     image: ImageLike,
     quality: int = 4,
     *,
+    mode: str = "pure",
     preset: str | None = None,
     lmbda: float | None = None,
     config: ModelConfig | None = None,
@@ -290,7 +342,9 @@ def encode(
     """Encode an image into an n2l bitstream.
 
     quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
-    `lmbda` overrides the lambda. `seeds` > 1 trains that many candidates (noise seeds
+    `lmbda` overrides the lambda. `mode` is "pure" (the paper's design: every latent is
+    generated from seeded noise) or "hybrid" (every latent scale is transmitted; 4000
+    iterations by default instead of 2000). `seeds` > 1 trains that many candidates (noise seeds
     seed, seed+1, ...) briefly and keeps the best. `verbose` shows a progress bar.
 
     Rate control: `target_bytes` gives the largest stream not above that size (within 3%),
@@ -308,13 +362,13 @@ def encode(
         quality = max(fits, default=0)
     elif target_psnr is not None:
         quality = next((q for q, typical in enumerate(TYPICAL_PSNR) if typical >= target_psnr), 8)
-    lam, cfg = _resolve(quality, preset, lmbda, config)
-    cfg = ModelConfig(**{**cfg.to_dict(), "out_channels": channels})
-    tc = training or TrainingConfig()
+    lam, cfg = _resolve(quality, preset, lmbda, config, mode)
+    cfg = replace(cfg, out_channels=channels)
+    tc = training or TrainingConfig(iterations=4000 if mode == "hybrid" else 2000)
     if iterations is not None:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
-        tc = TrainingConfig(**{**tc.__dict__, "iterations": iterations})
+        tc = replace(tc, iterations=iterations)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     device = torch.device(device)

@@ -1,8 +1,13 @@
-"""Quantization and entropy coding of the network weights (the whole payload of n2l).
+"""Quantization and entropy coding of the payload: network weights and (hybrid mode) latents.
 
-Each tensor (one per layer weight, one per layer bias) is quantized with its own power-of-two
-step 2^-exponent to integers q, and coded with constriction's ANS coder under a zero-mean
-quantized Laplace model on [-max_abs, max_abs] whose scale 2^(scale_code / 8) is signalled.
+Each tensor (one per layer weight, one per layer bias, one per transmitted latent scale) is
+quantized with its own power-of-two step 2^-exponent to integers q, and coded with
+constriction's ANS coder under a quantized Laplace on [-max_abs, max_abs] whose scale
+2^(scale_code / 8) is signalled. Weights use a zero-mean model. Latents [C, h, w] are coded in
+two parallel halves of a checkerboard (a `LatentCode`): the anchors ((i + j) even) with a
+zero-mean model, then the others with a mean predicted from their four anchor neighbours.
+The prediction uses integer arithmetic and one correctly rounded division, so encoder and
+decoder compute identical probabilities on any machine.
 """
 
 from __future__ import annotations
@@ -32,39 +37,137 @@ class TensorCode:
         return 2.0 ** (self.scale_code / 8)
 
 
+@dataclass(frozen=True)
+class LatentCode(TensorCode):
+    """A transmitted latent: `scale_code` is the anchors' Laplace scale; the other half has mean
+    alpha / 16 x (mean of its anchor neighbours) and scale 2^(pred_scale_code / 8)."""
+
+    pred_scale_code: int = 0
+    alpha: int = 0  # 0..ALPHA_ONE
+
+    @property
+    def pred_scale(self) -> float:
+        return 2.0 ** (self.pred_scale_code / 8)
+
+
+ALPHA_ONE = 16
+
+
 def quantize(w: torch.Tensor, exponent: int) -> np.ndarray:
-    """Round a tensor to integer multiples of 2^-exponent, clipped to the codable range."""
+    """Round a tensor to integer multiples of 2^-exponent, clipped to the codable range (same shape)."""
     q = torch.round(w.detach().double() * 2.0**exponent).clamp(-MAX_ABS, MAX_ABS)
-    return q.to(torch.int32).flatten().cpu().numpy()
+    return q.to(torch.int32).cpu().numpy()
 
 
 def dequantize(q: np.ndarray, exponent: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Integers back to float32 weights q * 2^-exponent (exact: a power-of-two scale)."""
-    return torch.from_numpy(q).view(shape).double().mul(2.0**-exponent).float()
+    return torch.from_numpy(q).reshape(shape).double().mul(2.0**-exponent).float()
 
 
-def _laplace(code: TensorCode):
-    return constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs, 0.0, code.scale)
+def _laplace(code: TensorCode, scale: float | None = None):
+    return constriction.stream.model.QuantizedLaplace(
+        -code.max_abs, code.max_abs, 0.0, code.scale if scale is None else scale
+    )
+
+
+def anchor_mask(height: int, width: int) -> np.ndarray:
+    """True on the checkerboard anchors ((i + j) even) of an h x w grid."""
+    return (np.add.outer(np.arange(height), np.arange(width)) % 2) == 0
+
+
+def neighbour_sum_count(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and count of the in-bounds 4-neighbours of every element of q [C, h, w] (int64)."""
+    q = q.astype(np.int64)
+    padded = np.pad(q, ((0, 0), (1, 1), (1, 1)))
+    ones = np.pad(np.ones(q.shape[1:], np.int64), 1)
+    total = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    count = ones[:-2, 1:-1] + ones[2:, 1:-1] + ones[1:-1, :-2] + ones[1:-1, 2:]
+    return total, np.broadcast_to(count, q.shape)
+
+
+def _halves(q: np.ndarray, code: LatentCode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(anchors, others, means of the others) of a latent [C, h, w], flattened."""
+    mask = np.broadcast_to(anchor_mask(*q.shape[1:]), q.shape)
+    total, count = neighbour_sum_count(np.where(mask, q, 0))
+    # Integer numerator and denominator, one correctly rounded division: identical everywhere.
+    means = (code.alpha * total[~mask]).astype(np.float64) / (ALPHA_ONE * count[~mask]).astype(np.float64)
+    return q[mask], q[~mask], means
+
+
+def _encode(coder, q: np.ndarray, code: TensorCode) -> None:
+    """Push one tensor onto an ANS stack (decoded in the opposite order)."""
+    if not code.max_abs:
+        return
+    q = q.astype(np.int32)
+    if not isinstance(code, LatentCode):
+        coder.encode_reverse(q.ravel(), _laplace(code))
+        return
+    anchors, others, means = _halves(q, code)
+    if others.size:
+        family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
+        coder.encode_reverse(others, family, means, np.full(others.size, code.pred_scale))
+    coder.encode_reverse(anchors, _laplace(code))
+
+
+def _decode(coder, code: TensorCode, shape: tuple[int, ...]) -> np.ndarray:
+    size = math.prod(shape)
+    if not code.max_abs:
+        return np.zeros(shape, dtype=np.int32)
+    if not isinstance(code, LatentCode):
+        return coder.decode(_laplace(code), size).astype(np.int32).reshape(shape)
+    mask = np.broadcast_to(anchor_mask(*shape[1:]), shape)
+    q = np.zeros(shape, dtype=np.int32)
+    q[mask] = coder.decode(_laplace(code), int(mask.sum()))
+    n_others = size - int(mask.sum())
+    if n_others:
+        _, _, means = _halves(q, code)
+        family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
+        q[~mask] = coder.decode(family, means, np.full(n_others, code.pred_scale))
+    return q
 
 
 def _bits_under(q: np.ndarray, code: TensorCode) -> float:
     """Information content of q under the code's model, in bits."""
-    model = _laplace(code)
     coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(q, model)
+    _encode(coder, q, code)
     return float(coder.num_valid_bits())
 
 
-def fit_code(q: np.ndarray, exponent: int) -> TensorCode:
-    """The code for integers q: support from their range, Laplace scale fitted to cost the least."""
+def _best_scale_code(values: np.ndarray, means: np.ndarray | float, cost) -> int:
+    """The scale code around the maximum-likelihood Laplace scale that makes `cost` smallest."""
+    lo, hi = SCALE_CODE_RANGE
+    ml = max(float(np.abs(values - means).mean()) if values.size else 0.0, 2.0**-8)
+    centre = min(max(round(8 * math.log2(ml)), lo), hi)
+    return min(range(max(lo, centre - 2), min(hi, centre + 2) + 1), key=cost)
+
+
+def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode:
+    """The code for integers q: support from their range, Laplace scales (and for a latent
+    [C, h, w] the prediction weight alpha) fitted to cost the least."""
     max_abs = int(np.abs(q).max()) if q.size else 0
     if max_abs == 0:
-        return TensorCode(exponent, 0, 0)
-    lo, hi = SCALE_CODE_RANGE
-    ml = max(float(np.abs(q).mean()), 2.0**-8)  # maximum-likelihood Laplace scale
-    centre = min(max(round(8 * math.log2(ml)), lo), hi)
-    candidates = [TensorCode(exponent, c, max_abs) for c in range(max(lo, centre - 2), min(hi, centre + 2) + 1)]
-    return min(candidates, key=lambda code: _bits_under(q, code))
+        return LatentCode(exponent, 0, 0) if latent else TensorCode(exponent, 0, 0)
+    if not latent:
+        scale = _best_scale_code(q, 0.0, lambda c: _bits_under(q, TensorCode(exponent, c, max_abs)))
+        return TensorCode(exponent, scale, max_abs)
+    probe = LatentCode(exponent, 0, max_abs, 0, ALPHA_ONE)
+    anchors, others, means = _halves(q, probe)  # means at alpha = 1
+    scale = _best_scale_code(anchors, 0.0, lambda c: _bits_under(anchors, TensorCode(exponent, c, max_abs)))
+    if not others.size:
+        return LatentCode(exponent, scale, max_abs)
+    dot = float(means @ means)
+    alpha = min(ALPHA_ONE, max(0, round(ALPHA_ONE * float(others @ means) / dot))) if dot else 0
+    family = constriction.stream.model.QuantizedLaplace(-max_abs, max_abs)
+
+    means = means * alpha / ALPHA_ONE
+
+    def cost(c: int) -> float:
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(others.astype(np.int32), family, means, np.full(others.size, 2.0 ** (c / 8)))
+        return coder.num_valid_bits()
+
+    pred = _best_scale_code(others, means, cost)
+    return LatentCode(exponent, scale, max_abs, pred, alpha)
 
 
 def tensor_bits(q: np.ndarray, code: TensorCode) -> float:
@@ -76,18 +179,11 @@ def encode_tensors(qs: list[np.ndarray], codes: list[TensorCode]) -> bytes:
     """Entropy-code integer tensors into one ANS stream (little-endian 32-bit words)."""
     coder = constriction.stream.stack.AnsCoder()
     for q, code in reversed(list(zip(qs, codes))):  # a stack: encode last first
-        if code.max_abs:
-            coder.encode_reverse(q.astype(np.int32), _laplace(code))
+        _encode(coder, q, code)
     return coder.get_compressed().astype("<u4").tobytes()
 
 
-def decode_tensors(payload: bytes, codes: list[TensorCode], sizes: list[int]) -> list[np.ndarray]:
-    """Inverse of encode_tensors; `sizes` are the element counts (known from the architecture)."""
+def decode_tensors(payload: bytes, codes: list[TensorCode], shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Inverse of encode_tensors; `shapes` are known from the architecture and image size."""
     coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
-    out = []
-    for code, size in zip(codes, sizes):
-        if code.max_abs:
-            out.append(coder.decode(_laplace(code), size).astype(np.int32))
-        else:
-            out.append(np.zeros(size, dtype=np.int32))
-    return out
+    return [_decode(coder, code, shape) for code, shape in zip(codes, shapes)]

@@ -163,6 +163,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qualities", nargs="+", default=["0,2,4,6,8"], metavar="Q",
                         help="n2l qualities (0..8), e.g. '0 2 4' or '0,2,4' or '0-8' (default 0,2,4,6,8)")
     parser.add_argument("--iterations", type=int, default=None, help="n2l training iterations (default: n2l's)")
+    parser.add_argument("--mode", default="pure", choices=("pure", "hybrid"),
+                        help="n2l mode: pure (generated latents) or hybrid (transmitted latents)")
     parser.add_argument("--preset", default=None, help="n2l model preset (default: n2l's choice per quality)")
     parser.add_argument("--lmbda", type=float, default=None, help="n2l rate-distortion lambda override")
     parser.add_argument("--seeds", type=int, default=1, help="n2l seeds tried per image (default 1)")
@@ -199,7 +201,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"warning: {w.message}", file=sys.stderr)
     codecs: list[Codec] = []
     if not args.no_n2l:
-        codecs.append(N2LCodec(qualities, preset=args.preset, iterations=args.iterations, lmbda=args.lmbda,
+        codecs.append(N2LCodec(qualities, mode=args.mode, preset=args.preset, iterations=args.iterations, lmbda=args.lmbda,
                                seeds=args.seeds, device=args.device))
     codecs += classical
     if not codecs:

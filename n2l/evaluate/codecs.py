@@ -280,6 +280,7 @@ class N2LCodec:
         self,
         qualities: Sequence[int] = (0, 2, 4, 6, 8),
         *,
+        mode: str = "pure",
         preset: str | None = None,
         iterations: int | None = None,
         lmbda: float | None = None,
@@ -293,7 +294,7 @@ class N2LCodec:
         self.qualities = tuple(int(q) for q in qualities)
         self.device = device
         self.backend = backend
-        self._kwargs = {"preset": preset, "iterations": iterations, "lmbda": lmbda, "seeds": seeds}
+        self._kwargs = {"mode": mode, "preset": preset, "iterations": iterations, "lmbda": lmbda, "seeds": seeds}
         # Everything that changes the bitstream; the device is recorded per row but not keyed.
         training = getattr(n2l, "TrainingConfig", None)
         training_defaults = dict(vars(training())) if training is not None else {}
