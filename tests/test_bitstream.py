@@ -39,6 +39,17 @@ def test_golden_file():
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == (GOLDEN.with_suffix(".sha256")).read_text().split()[0]
 
 
+def test_golden_hybrid_file():
+    """A committed version-2 hybrid stream (checkerboard-coded latents) keeps its bytes and pixels."""
+    golden = GOLDEN.with_name("golden_hybrid.n2l")
+    buf = golden.read_bytes()
+    header, payload = bitstream.read(buf)
+    assert header.config.coded_scales == 6 and any(c.max_abs and c.alpha for c in header.codes[-6:])
+    assert bitstream.write(header, payload) == buf
+    pixels = n2l.decode(buf, device="cpu", backend="torch")
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == golden.with_suffix(".sha256").read_text().split()[0]
+
+
 def _decode_or_format_error(buf: bytes) -> None:
     try:
         n2l.decode(buf, device="cpu", backend="torch")
