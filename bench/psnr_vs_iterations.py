@@ -1,8 +1,9 @@
 """Encode cost: PSNR, bpp and RD cost against the number of training iterations.
 
     python bench/psnr_vs_iterations.py [IMAGE] --crop 256 --quality 4 --iterations 500 1000 2000 4000
+    python bench/psnr_vs_iterations.py --mode hybrid --iterations 2000 4000 8000
 
-Writes bench/results/psnr_vs_iterations.json; tells whether the presets stop where more
+Writes bench/results/psnr_vs_iterations[_hybrid].json; tells whether the presets stop where more
 iterations stop paying.
 """
 
@@ -26,14 +27,17 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--quality", type=int, default=4)
     parser.add_argument("--iterations", type=int, nargs="+", default=[500, 1000, 2000, 4000])
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/psnr_vs_iterations.json")
+    parser.add_argument("--mode", choices=("pure", "hybrid"), default="pure")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    suffix = "_hybrid" if args.mode == "hybrid" else ""
+    args.out = args.out or REPO / f"bench/results/psnr_vs_iterations{suffix}.json"
     c = args.crop
     img = center_crop(n2l.load_image(args.image), c)
     rows = []
     for iterations in args.iterations:
         t = time.perf_counter()
-        buf = n2l.encode(img, quality=args.quality, iterations=iterations, verbose=False)
+        buf = n2l.encode(img, quality=args.quality, mode=args.mode, iterations=iterations, verbose=False)
         psnr = n2l.psnr(n2l.decode(buf, device="cpu", backend="torch"), img)
         bpp = 8 * len(buf) / (c * c)
         rows.append({"iterations": iterations, "bpp": bpp, "psnr": psnr, "encode_s": time.perf_counter() - t,
@@ -41,7 +45,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"image": Path(args.image).name, "crop": c, "quality": args.quality,
-                                    "rows": rows}, indent=1))
+                                    "mode": args.mode, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Training (loss = MSE + lambda * bits / pixels):
 1. candidates: with `seeds` > 1, train one network per noise seed briefly and keep the best;
-2. main phase: Adam with linear warm-up and cosine decay; weights see additive uniform noise
-   of one quantization step (a differentiable proxy of rounding) and each tensor's rate is
-   the entropy of a quantized Laplace fitted to it, with a learned step per tensor;
+2. main phase: Adam with linear warm-up and cosine decay; weights (and, in hybrid mode, the
+   transmitted latents, which are parameters too) see additive uniform noise of one
+   quantization step (a differentiable proxy of rounding); each tensor's rate is its
+   information content under the model the coder will use (a Laplace fitted to it; the
+   checkerboard model for latents), with a learned step per tensor;
 3. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
    size (constriction), starting from the learned steps;
 4. quantization-aware phase: hard rounding with straight-through gradients at those steps,
@@ -53,15 +55,17 @@ QUALITY_CONFIGS = (
     ModelConfig(latent_channels=8, gpp_hidden=20, gpp_kernel_min_scale=1, synth_hidden=(32, 16), synth_residual=2),
     ModelConfig(latent_channels=8, gpp_hidden=28, gpp_kernel_min_scale=1, synth_hidden=(40, 24), synth_residual=2),
 )
-# Hybrid mode (METHOD.md section 6): the six coarsest latent scales are transmitted, one
-# channel each like Cool-chic's latent grids, and the full-resolution latent is generated from
-# seeded noise by a small 1x1 GPP. On a kodim23 crop this had a lower RD cost than transmitting
-# every scale, generating two, or the pure mode (bench/RESULTS.md 6).
+# Hybrid mode (METHOD.md section 6): the coarse latent scales are transmitted, one channel
+# each like Cool-chic's latent grids. At low rates the full-resolution latent is generated from
+# seeded noise by a small 1x1 GPP (lower RD cost than coding it, bench/RESULTS.md 7a); at high
+# rates it is transmitted too (on a kodim01 crop at quality 6, 33.9 dB at 2.38 bpp against
+# 28.9 dB at 1.45 bpp: J 1.26e-3 against 1.81e-3).
 _HYBRID = ModelConfig(latent_channels=1, coded_scales=6, gpp_hidden=4)
 HYBRID_CONFIGS = (
     *(replace(_HYBRID, synth_hidden=(12,)) for _ in range(3)),
-    *(replace(_HYBRID, synth_hidden=(16,)) for _ in range(3)),
-    *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2) for _ in range(3)),
+    *(replace(_HYBRID, synth_hidden=(16,)) for _ in range(2)),
+    replace(_HYBRID, synth_hidden=(16,), coded_scales=7),
+    *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2, coded_scales=7) for _ in range(3)),
 )
 MODES = ("pure", "hybrid")
 
@@ -189,15 +193,22 @@ class _Quantizer:
         self.t = trainer
         self.lmbda = trainer.lmbda
         self.float_params = {n: p.detach().clone() for n, p in trainer.params.items()}
-        self.cache: dict[tuple[str, int], tuple] = {}
-        self.measured: dict[tuple[int, ...], tuple[float, float]] = {}  # exponents -> (mse, bpp)
+        # Dead zone of the latents' rounding (0 = plain rounding): values below 1/2 + deadzone
+        # steps become 0 and the others shrink toward 0, a fine-grained rate knob for rate control.
+        self.deadzone = 0.0
+        self.cache: dict[tuple, tuple] = {}
+        self.measured: dict[tuple, tuple[float, float]] = {}  # (exponents, deadzone) -> (mse, bpp)
 
     def tensor(self, name: str, exponent: int) -> tuple:
         """(integers, code, bits) of one tensor at one exponent, cached."""
-        key = (name, exponent)
+        latent = name.startswith("coded.")
+        key = (name, exponent, self.deadzone if latent else 0.0)
         if key not in self.cache:
-            q = quantize(self.float_params[name], exponent)
-            latent = name.startswith("coded.")
+            p = self.float_params[name]
+            if latent and self.deadzone:
+                v = p.double() * 2.0**exponent
+                p = torch.sign(v) * torch.floor((v.abs() + 0.5 - self.deadzone).clamp_min(0)) * 2.0**-exponent
+            q = quantize(p, exponent)
             q = q[0] if latent else q  # a latent is coded as [C, h, w]
             code = fit_code(q, exponent, latent=latent)
             self.cache[key] = (q, code, tensor_bits(q, code))
@@ -206,7 +217,7 @@ class _Quantizer:
     @torch.no_grad()
     def measure(self, exponents: list[int]) -> tuple[float, float]:
         """(mse of the 8-bit output, bpp) of a full assignment, with the real coded bits; memoized."""
-        key = tuple(exponents)
+        key = (tuple(exponents), self.deadzone)
         if key not in self.measured:
             params, bits = {}, 0.0
             for (name, p), e in zip(self.float_params.items(), exponents):
@@ -256,6 +267,23 @@ class _Quantizer:
 # PSNR of each level on those crops (bench/RESULTS.md).
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
+# Hybrid mode: the latents carry the rate, so targets start from the level whose typical bpp
+# (or PSNR) on those crops is nearest (bench/RESULTS.md 7b).
+TYPICAL_HYBRID_BPP = (0.3, 0.4, 0.5, 0.7, 0.9, 1.3, 1.9, 2.5, 3.2)
+TYPICAL_HYBRID_PSNR = (24.0, 25.0, 26.0, 27.0, 28.0, 29.5, 31.0, 32.5, 34.0)
+
+
+def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
+    """The quality level rate control trains at, from a size or a PSNR target."""
+    if mode == "hybrid":
+        if target_bytes is not None:
+            bpp = 8 * target_bytes / pixels
+            return min(range(9), key=lambda q: abs(math.log(TYPICAL_HYBRID_BPP[q] / bpp)))
+        return min(range(9), key=lambda q: abs(TYPICAL_HYBRID_PSNR[q] - target_psnr))
+    if target_bytes is not None:
+        fits = [q for q, c in enumerate(QUALITY_CONFIGS) if c.n_params() * BITS_PER_PARAMETER <= 8 * target_bytes]
+        return max(fits, default=0)
+    return next((q for q, typical in enumerate(TYPICAL_PSNR) if typical >= target_psnr), 8)
 
 
 def _bitstream(quantizer: _Quantizer, exponents: list[int], width: int, height: int, config: ModelConfig) -> bytes:
@@ -264,44 +292,81 @@ def _bitstream(quantizer: _Quantizer, exponents: list[int], width: int, height: 
     return bitstream.write(header, encode_tensors(qs, codes))
 
 
-def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_bytes: int | None,
-                  target_psnr: float | None, tries: int = 16) -> list[int]:
-    """Bisect the lambda of the step search (trained weights fixed) to meet a target.
+def _bisect(attempt, lo: float, hi: float, target_bytes: int | None, target_psnr: float | None, tries: int):
+    """Bisect a knob x in [lo, hi] (larger x = fewer bits); attempt(x) -> (size, psnr, result).
 
-    Size: the largest stream not above target_bytes, stopping within 3% under it.
-    PSNR: the smallest stream with PSNR >= target_psnr, stopping within 0.1 dB above it.
+    Returns (best, nearest_miss, closest): the best attempt meeting the target (largest size not
+    above target_bytes, or smallest size reaching target_psnr) or None; the miss with the fewest
+    bits above a size target (None for PSNR); the attempt with the highest PSNR.
     """
-    lo, hi = math.log(quantizer.lmbda) - 8, math.log(quantizer.lmbda) + 8
-    best: tuple[int, list[int]] | None = None  # (size, exponents)
-    closest = (-math.inf, exponents)  # highest PSNR seen, for an unreachable PSNR target
+    best = miss = None
+    closest = (0, -math.inf, None)
     for _ in range(tries):
         mid = (lo + hi) / 2
-        quantizer.lmbda = math.exp(mid)
-        exps = quantizer.search(exponents, passes=2, reach=4)
-        size = len(make(exps))
-        psnr = _psnr_from_mse(quantizer.measure(exps)[0])
-        closest = max(closest, (psnr, exps), key=lambda c: c[0])
+        size, psnr, result = attempt(mid)
+        closest = max(closest, (size, psnr, result), key=lambda a: a[1])
         if target_bytes is not None:
             ok = size <= target_bytes
             if ok and (best is None or size > best[0]):
-                best = (size, exps)
+                best = (size, psnr, result)
+            if not ok and (miss is None or size < miss[0]):
+                miss = (size, psnr, result)
             if ok and size >= 0.97 * target_bytes:
                 break
-            lo, hi = (lo, mid) if ok else (mid, hi)  # room left: lower lambda, more bits
+            lo, hi = (lo, mid) if ok else (mid, hi)  # room left: more bits
         else:
             ok = psnr >= target_psnr
             if ok and (best is None or size < best[0]):
-                best = (size, exps)
+                best = (size, psnr, result)
             if ok and psnr <= target_psnr + 0.1:
                 break
-            lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: higher lambda, fewer bits
-    if best is not None:
-        return best[1]
-    if target_bytes is not None:
-        raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
-    warnings.warn(f"target PSNR {target_psnr} dB not reached (best {closest[0]:.2f} dB): "
-                  "use more iterations or a larger network", RuntimeWarning, stacklevel=3)
-    return closest[1]
+            lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: fewer bits
+    return best, miss, closest
+
+
+def _within_tolerance(best, target_bytes: int | None, target_psnr: float | None) -> bool:
+    if best is None:
+        return False
+    return best[0] >= 0.97 * target_bytes if target_bytes is not None else best[1] <= target_psnr + 0.1
+
+
+def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_bytes: int | None,
+                  target_psnr: float | None, tries: int = 16) -> list[int]:
+    """Meet a target with the trained weights fixed; sets quantizer.deadzone, returns exponents.
+
+    1. Bisect the lambda of the step search (per-tensor steps move by powers of two).
+    2. With transmitted latents, if that is not within tolerance, bisect the latents' dead zone
+       from the nearest assignment with bits to spare: a much finer knob.
+    Size: the largest stream not above target_bytes, stopping within 3% under it.
+    PSNR: the smallest stream with PSNR >= target_psnr, stopping within 0.1 dB above it.
+    """
+    def by_lambda(x: float):
+        quantizer.lmbda, quantizer.deadzone = math.exp(x), 0.0
+        exps = quantizer.search(exponents, passes=2, reach=4)
+        return len(make(exps)), _psnr_from_mse(quantizer.measure(exps)[0]), (exps, 0.0)
+
+    log_lmbda = math.log(quantizer.lmbda)
+    best, miss, closest = _bisect(by_lambda, log_lmbda - 8, log_lmbda + 8, target_bytes, target_psnr, tries)
+    start = miss if target_bytes is not None else best
+    if quantizer.t.model.coded and start is not None and not _within_tolerance(best, target_bytes, target_psnr):
+        exps = start[2][0]
+
+        def by_deadzone(x: float):
+            quantizer.deadzone = x
+            return len(make(exps)), _psnr_from_mse(quantizer.measure(exps)[0]), (exps, x)
+
+        refined, _, _ = _bisect(by_deadzone, 0.0, 1.0, target_bytes, target_psnr, tries)
+        if refined is not None and (best is None or (refined[0] > best[0] if target_bytes is not None
+                                                     else refined[0] < best[0])):
+            best = refined
+    if best is None:
+        if target_bytes is not None:
+            raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
+        warnings.warn(f"target PSNR {target_psnr} dB not reached (best {closest[1]:.2f} dB): "
+                      "use more iterations or a larger network", RuntimeWarning, stacklevel=3)
+        best = closest
+    exps, quantizer.deadzone = best[2]
+    return exps
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
@@ -355,13 +420,10 @@ def encode(
     height, width, channels = array.shape
     if target_bytes is not None and target_psnr is not None:
         raise ValueError("give at most one of target_bytes and target_psnr")
-    if target_bytes is not None:
-        if target_bytes < 1:
-            raise ValueError(f"target_bytes must be positive, got {target_bytes}")
-        fits = [q for q, c in enumerate(QUALITY_CONFIGS) if c.n_params() * BITS_PER_PARAMETER <= 8 * target_bytes]
-        quality = max(fits, default=0)
-    elif target_psnr is not None:
-        quality = next((q for q, typical in enumerate(TYPICAL_PSNR) if typical >= target_psnr), 8)
+    if target_bytes is not None and target_bytes < 1:
+        raise ValueError(f"target_bytes must be positive, got {target_bytes}")
+    if target_bytes is not None or target_psnr is not None:
+        quality = _quality_for_target(mode, height * width, target_bytes, target_psnr)
     lam, cfg = _resolve(quality, preset, lmbda, config, mode)
     cfg = replace(cfg, out_channels=channels)
     tc = training or TrainingConfig(iterations=4000 if mode == "hybrid" else 2000)

@@ -109,3 +109,9 @@ def test_hybrid_mode_round_trip(crop64):
     if backend_available("cpu"):
         cpu = n2l.decode(buf, device="cpu", backend="cpu")
         assert np.abs(cpu.astype(int) - decoded.astype(int)).max() <= 1
+
+
+def test_hybrid_rate_control_lands_just_under_the_target(crop64):
+    """With transmitted latents the dead-zone refinement lands within 3% under a size target."""
+    buf = n2l.encode(crop64, mode="hybrid", target_bytes=600, iterations=150, verbose=False)
+    assert 0.97 * 600 <= len(buf) <= 600
