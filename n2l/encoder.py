@@ -268,9 +268,10 @@ class _Quantizer:
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # Hybrid mode: the latents carry the rate, so targets start from the level whose typical bpp
-# (or PSNR) on those crops is nearest (bench/RESULTS.md 7b).
-TYPICAL_HYBRID_BPP = (0.3, 0.4, 0.5, 0.7, 0.9, 1.3, 1.9, 2.5, 3.2)
-TYPICAL_HYBRID_PSNR = (24.0, 25.0, 26.0, 27.0, 28.0, 29.5, 31.0, 32.5, 34.0)
+# (or PSNR) on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7b),
+# interpolated geometrically between them and extrapolated above.
+TYPICAL_HYBRID_BPP = (0.29, 0.37, 0.46, 0.57, 0.88, 1.36, 2.09, 2.9, 3.9)
+TYPICAL_HYBRID_PSNR = (26.1, 26.9, 27.7, 28.5, 30.9, 33.3, 35.7, 37.5, 39.0)
 
 
 def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
