@@ -193,22 +193,15 @@ class _Quantizer:
         self.t = trainer
         self.lmbda = trainer.lmbda
         self.float_params = {n: p.detach().clone() for n, p in trainer.params.items()}
-        # Dead zone of the latents' rounding (0 = plain rounding): values below 1/2 + deadzone
-        # steps become 0 and the others shrink toward 0, a fine-grained rate knob for rate control.
-        self.deadzone = 0.0
-        self.cache: dict[tuple, tuple] = {}
-        self.measured: dict[tuple, tuple[float, float]] = {}  # (exponents, deadzone) -> (mse, bpp)
+        self.cache: dict[tuple[str, int], tuple] = {}
+        self.measured: dict[tuple[int, ...], tuple[float, float]] = {}  # exponents -> (mse, bpp)
 
     def tensor(self, name: str, exponent: int) -> tuple:
         """(integers, code, bits) of one tensor at one exponent, cached."""
-        latent = name.startswith("coded.")
-        key = (name, exponent, self.deadzone if latent else 0.0)
+        key = (name, exponent)
         if key not in self.cache:
-            p = self.float_params[name]
-            if latent and self.deadzone:
-                v = p.double() * 2.0**exponent
-                p = torch.sign(v) * torch.floor((v.abs() + 0.5 - self.deadzone).clamp_min(0)) * 2.0**-exponent
-            q = quantize(p, exponent)
+            q = quantize(self.float_params[name], exponent)
+            latent = name.startswith("coded.")
             q = q[0] if latent else q  # a latent is coded as [C, h, w]
             code = fit_code(q, exponent, latent=latent)
             self.cache[key] = (q, code, tensor_bits(q, code))
@@ -217,7 +210,7 @@ class _Quantizer:
     @torch.no_grad()
     def measure(self, exponents: list[int]) -> tuple[float, float]:
         """(mse of the 8-bit output, bpp) of a full assignment, with the real coded bits; memoized."""
-        key = (tuple(exponents), self.deadzone)
+        key = tuple(exponents)
         if key not in self.measured:
             params, bits = {}, 0.0
             for (name, p), e in zip(self.float_params.items(), exponents):
@@ -293,81 +286,44 @@ def _bitstream(quantizer: _Quantizer, exponents: list[int], width: int, height: 
     return bitstream.write(header, encode_tensors(qs, codes))
 
 
-def _bisect(attempt, lo: float, hi: float, target_bytes: int | None, target_psnr: float | None, tries: int):
-    """Bisect a knob x in [lo, hi] (larger x = fewer bits); attempt(x) -> (size, psnr, result).
-
-    Returns (best, nearest_miss, closest): the best attempt meeting the target (largest size not
-    above target_bytes, or smallest size reaching target_psnr) or None; the miss with the fewest
-    bits above a size target (None for PSNR); the attempt with the highest PSNR.
-    """
-    best = miss = None
-    closest = (0, -math.inf, None)
-    for _ in range(tries):
-        mid = (lo + hi) / 2
-        size, psnr, result = attempt(mid)
-        closest = max(closest, (size, psnr, result), key=lambda a: a[1])
-        if target_bytes is not None:
-            ok = size <= target_bytes
-            if ok and (best is None or size > best[0]):
-                best = (size, psnr, result)
-            if not ok and (miss is None or size < miss[0]):
-                miss = (size, psnr, result)
-            if ok and size >= 0.97 * target_bytes:
-                break
-            lo, hi = (lo, mid) if ok else (mid, hi)  # room left: more bits
-        else:
-            ok = psnr >= target_psnr
-            if ok and (best is None or size < best[0]):
-                best = (size, psnr, result)
-            if ok and psnr <= target_psnr + 0.1:
-                break
-            lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: fewer bits
-    return best, miss, closest
-
-
-def _within_tolerance(best, target_bytes: int | None, target_psnr: float | None) -> bool:
-    if best is None:
-        return False
-    return best[0] >= 0.97 * target_bytes if target_bytes is not None else best[1] <= target_psnr + 0.1
-
-
 def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_bytes: int | None,
                   target_psnr: float | None, tries: int = 16) -> list[int]:
-    """Meet a target with the trained weights fixed; sets quantizer.deadzone, returns exponents.
+    """Bisect the lambda of the step search (trained weights fixed) to meet a target.
 
-    1. Bisect the lambda of the step search (per-tensor steps move by powers of two).
-    2. With transmitted latents, if that is not within tolerance, bisect the latents' dead zone
-       from the nearest assignment with bits to spare: a much finer knob.
     Size: the largest stream not above target_bytes, stopping within 3% under it.
     PSNR: the smallest stream with PSNR >= target_psnr, stopping within 0.1 dB above it.
     """
-    def by_lambda(x: float):
-        quantizer.lmbda, quantizer.deadzone = math.exp(x), 0.0
+    lo, hi = math.log(quantizer.lmbda) - 8, math.log(quantizer.lmbda) + 8
+    best: tuple[int, list[int]] | None = None  # (size, exponents)
+    closest = (-math.inf, exponents)  # highest PSNR seen, for an unreachable PSNR target
+    for _ in range(tries):
+        mid = (lo + hi) / 2
+        quantizer.lmbda = math.exp(mid)
         exps = quantizer.search(exponents, passes=2, reach=4)
-        return len(make(exps)), _psnr_from_mse(quantizer.measure(exps)[0]), (exps, 0.0)
-
-    log_lmbda = math.log(quantizer.lmbda)
-    best, miss, closest = _bisect(by_lambda, log_lmbda - 8, log_lmbda + 8, target_bytes, target_psnr, tries)
-    start = miss if target_bytes is not None else best
-    if quantizer.t.model.coded and start is not None and not _within_tolerance(best, target_bytes, target_psnr):
-        exps = start[2][0]
-
-        def by_deadzone(x: float):
-            quantizer.deadzone = x
-            return len(make(exps)), _psnr_from_mse(quantizer.measure(exps)[0]), (exps, x)
-
-        refined, _, _ = _bisect(by_deadzone, 0.0, 1.0, target_bytes, target_psnr, tries)
-        if refined is not None and (best is None or (refined[0] > best[0] if target_bytes is not None
-                                                     else refined[0] < best[0])):
-            best = refined
-    if best is None:
+        size = len(make(exps))
+        psnr = _psnr_from_mse(quantizer.measure(exps)[0])
+        closest = max(closest, (psnr, exps), key=lambda c: c[0])
         if target_bytes is not None:
-            raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
-        warnings.warn(f"target PSNR {target_psnr} dB not reached (best {closest[1]:.2f} dB): "
-                      "use more iterations or a larger network", RuntimeWarning, stacklevel=3)
-        best = closest
-    exps, quantizer.deadzone = best[2]
-    return exps
+            ok = size <= target_bytes
+            if ok and (best is None or size > best[0]):
+                best = (size, exps)
+            if ok and size >= 0.97 * target_bytes:
+                break
+            lo, hi = (lo, mid) if ok else (mid, hi)  # room left: lower lambda, more bits
+        else:
+            ok = psnr >= target_psnr
+            if ok and (best is None or size < best[0]):
+                best = (size, exps)
+            if ok and psnr <= target_psnr + 0.1:
+                break
+            lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: higher lambda, fewer bits
+    if best is not None:
+        return best[1]
+    if target_bytes is not None:
+        raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
+    warnings.warn(f"target PSNR {target_psnr} dB not reached (best {closest[0]:.2f} dB): "
+                  "use more iterations or a larger network", RuntimeWarning, stacklevel=3)
+    return closest[1]
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
