@@ -68,6 +68,7 @@ HYBRID_CONFIGS = (
     *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2, coded_scales=7) for _ in range(3)),
 )
 MODES = ("pure", "hybrid")
+DEFAULT_ITERATIONS = {"pure": 2000, "hybrid": 4000}  # hybrid converges later (bench/RESULTS.md 5)
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ def encode(
         quality = _quality_for_target(mode, height * width, target_bytes, target_psnr)
     lam, cfg = _resolve(quality, preset, lmbda, config, mode)
     cfg = replace(cfg, out_channels=channels)
-    tc = training or TrainingConfig(iterations=4000 if mode == "hybrid" else 2000)
+    tc = training or TrainingConfig(iterations=DEFAULT_ITERATIONS[mode])
     if iterations is not None:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
