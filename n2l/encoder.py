@@ -15,6 +15,7 @@ Training (loss = MSE + lambda * bits / pixels):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -100,17 +101,23 @@ def laplace_bits(v: torch.Tensor) -> torch.Tensor:
     return -torch.where(lo >= 0, tail, centre).sum() / math.log(2)
 
 
+@functools.cache
+def _checkerboard_geometry(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor mask and in-bounds neighbour count of an h x w grid (CPU; reused every step)."""
+    count = neighbour_sum_count(np.zeros((1, h, w), np.int64))[1][0].copy()
+    return torch.from_numpy(anchor_mask(h, w)), torch.from_numpy(count).float()
+
+
 def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
     """Bits of a latent v [C, h, w] (in units of its step) under the checkerboard model of
     n2l.weights.LatentCode: anchors zero-mean; the others predicted from their anchor
     neighbours, with the prediction weight fitted by least squares as the coder fits it."""
     h, w = v.shape[-2:]
-    mask = torch.from_numpy(anchor_mask(h, w)).to(v.device)
     if h * w == 1:
         return laplace_bits(v)
+    mask, count = (t.to(v.device) for t in _checkerboard_geometry(h, w))
     padded = F.pad(torch.where(mask, v, 0.0), (1, 1, 1, 1))
     total = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
-    count = torch.from_numpy(neighbour_sum_count(np.zeros((1, h, w), np.int64))[1].copy()).to(v)
     others, pred = v[:, ~mask], (total / count)[:, ~mask]
     alpha = ((others * pred).sum() / (pred * pred).sum().clamp_min(1e-9)).clamp(0, 1).detach()
     return laplace_bits(v[:, mask]) + laplace_bits(others - alpha * pred)

@@ -64,10 +64,14 @@ def dequantize(q: np.ndarray, exponent: int, shape: torch.Size | tuple[int, ...]
     return torch.from_numpy(q).reshape(shape).double().mul(2.0**-exponent).float()
 
 
-def _laplace(code: TensorCode, scale: float | None = None):
-    return constriction.stream.model.QuantizedLaplace(
-        -code.max_abs, code.max_abs, 0.0, code.scale if scale is None else scale
-    )
+def _laplace(code: TensorCode):
+    return constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs, 0.0, code.scale)
+
+
+def _encode_others(coder, others: np.ndarray, means: np.ndarray, max_abs: int, scale: float) -> None:
+    """Push the predicted half of a latent: per-symbol means, one Laplace scale."""
+    family = constriction.stream.model.QuantizedLaplace(-max_abs, max_abs)
+    coder.encode_reverse(others.astype(np.int32), family, means, np.full(others.size, scale))
 
 
 def anchor_mask(height: int, width: int) -> np.ndarray:
@@ -104,8 +108,7 @@ def _encode(coder, q: np.ndarray, code: TensorCode) -> None:
         return
     anchors, others, means = _halves(q, code)
     if others.size:
-        family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
-        coder.encode_reverse(others, family, means, np.full(others.size, code.pred_scale))
+        _encode_others(coder, others, means, code.max_abs, code.pred_scale)
     coder.encode_reverse(anchors, _laplace(code))
 
 
@@ -157,13 +160,11 @@ def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode:
         return LatentCode(exponent, scale, max_abs)
     dot = float(means @ means)
     alpha = min(ALPHA_ONE, max(0, round(ALPHA_ONE * float(others @ means) / dot))) if dot else 0
-    family = constriction.stream.model.QuantizedLaplace(-max_abs, max_abs)
-
-    means = means * alpha / ALPHA_ONE
+    _, _, means = _halves(q, LatentCode(exponent, scale, max_abs, 0, alpha))  # exactly as coded
 
     def cost(c: int) -> float:
         coder = constriction.stream.stack.AnsCoder()
-        coder.encode_reverse(others.astype(np.int32), family, means, np.full(others.size, 2.0 ** (c / 8)))
+        _encode_others(coder, others, means, max_abs, 2.0 ** (c / 8))
         return coder.num_valid_bits()
 
     pred = _best_scale_code(others, means, cost)
