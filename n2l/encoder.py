@@ -9,8 +9,11 @@ Training (loss = MSE + lambda * bits / pixels):
    checkerboard model for latents), with a learned step per tensor;
 3. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
    size (constriction), starting from the learned steps;
-4. quantization-aware phase: hard rounding with straight-through gradients at those steps,
-   a last local search, then the bitstream is written.
+4. quantization-aware phase: hard rounding with straight-through gradients at those steps
+   (the rate proxy now at those steps too), a last local search, then the bitstream is written.
+
+Rate control (a size or PSNR target) steers lambda during training with the real coded size
+or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in the band.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ HYBRID_CONFIGS = (
 )
 MODES = ("pure", "hybrid")
 DEFAULT_ITERATIONS = {"pure": 2000, "hybrid": 4000}  # hybrid converges later (bench/RESULTS.md 5)
+RATE_CONTROL_RETRIES = 2  # short controlled fine-tunes when the step search misses the target band
 
 
 @dataclass(frozen=True)
@@ -86,19 +90,31 @@ class TrainingConfig:
     init_log2_step: float = -8.0
 
 
-def laplace_bits(v: torch.Tensor) -> torch.Tensor:
-    """Bits to code values v (in units of their step) under a zero-mean Laplace with unit bins.
-
-    The Laplace scale is fitted to v (mean |v|), as the coder fits it to the integers; each
-    value costs -log2 P([|v| - 1/2, |v| + 1/2]), so the estimate follows the real distribution
-    (latents are far from Laplacian) rather than the entropy of an ideal Laplace source.
-    """
-    a = v.abs()
-    b = a.mean().clamp_min(1e-3)
+def _laplace_bits_each(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """-log2 P([a - 1/2, a + 1/2]) under a zero-mean Laplace of scale b, for a = |v|; at most
+    24 bits, as the coder's 24-bit probabilities give every symbol at least 2^-24."""
     lo = a - 0.5
     tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / b))  # |v| >= 1/2
     centre = torch.log((1 - 0.5 * (torch.exp(-(a + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
-    return -torch.where(lo >= 0, tail, centre).sum() / math.log(2)
+    return -torch.where(lo >= 0, tail, centre).clamp_min(-24 * math.log(2)) / math.log(2)
+
+
+def laplace_bits(v: torch.Tensor) -> torch.Tensor:
+    """Bits to code values v (in units of their step) under a zero-mean Laplace with unit bins.
+
+    Each value costs its information content, so the estimate follows the real distribution
+    (latents are far from Laplacian) rather than the entropy of an ideal Laplace source. The
+    scale is the one that costs least, chosen as the coder chooses it (n2l.weights
+    `_best_scale_code`): between the mean |v| and the scale that predicts the share of values in
+    the central bin, the two differing tenfold on sparse tensors.
+    """
+    a = v.abs().flatten()
+    with torch.no_grad():
+        central = (a < 0.5).float().mean().clamp(1 / (a.numel() + 1), a.numel() / (a.numel() + 1))
+        ends = torch.stack([a.mean(), -0.5 / torch.log1p(-central)]).clamp_min(2.0**-8).log2()
+        grid = torch.exp2(torch.linspace(float(ends.min()) - 0.25, float(ends.max()) + 0.25, 8, device=v.device))
+        b = grid[_laplace_bits_each(a, grid[:, None]).sum(1).argmin()]
+    return _laplace_bits_each(a, b).sum()
 
 
 @functools.cache
@@ -139,6 +155,10 @@ class _RateProxy:
             laplace_bits(p / steps[i]) if i < self.n_layer_tensors else checkerboard_bits(p[0] / steps[i])
             for i, p in enumerate(params.values())
         )
+
+    def fix(self, exponents: list[int]) -> None:
+        """Freeze the steps at 2^-exponents (quantization-aware phase: rate at the real steps)."""
+        self.log2_steps.requires_grad_(False).copy_(-torch.tensor(exponents, dtype=torch.float32))
 
     def noisy(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         steps = torch.exp2(self.log2_steps)
@@ -288,6 +308,45 @@ def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target
     return next((q for q, typical in enumerate(TYPICAL_PSNR) if typical >= target_psnr), 8)
 
 
+class _LambdaControl:
+    """Steers the training lambda toward a size or PSNR target (rate control by training).
+
+    Every `every` steps the network is quantized (at its learned steps, or during the
+    quantization-aware phase at the final ones) and coded for real; lambda then moves
+    geometrically toward the target: by (size / goal)^gain for a size, by
+    2^(gain * (PSNR - goal) / DB_PER_DOUBLING) for a PSNR. One training run thus lands near
+    the target, and the step search after it only has the last few percent to find.
+    """
+
+    GAIN = 0.5
+    DB_PER_DOUBLING = 1.5  # PSNR change when lambda doubles, roughly, across the ladder
+    SIZE_GOAL = 0.985  # of target_bytes: the middle of the accepted band [0.97, 1]
+    PSNR_MARGIN = 0.05  # dB above target_psnr: the middle of the accepted band
+
+    def __init__(self, trainer: _Trainer, make_header, target_bytes: int | None, target_psnr: float | None, every: int):
+        self.t, self.make_header, self.every = trainer, make_header, every
+        self.target_bytes, self.target_psnr = target_bytes, target_psnr
+        self.bounds = (trainer.lmbda * 1e-4, trainer.lmbda * 1e4)  # an unreachable target stops here
+
+    def update(self, it: int, exponents: list[int] | None = None) -> None:
+        if it % self.every:
+            return
+        if exponents is None:
+            exponents = _learned_exponents(self.t)
+        quantizer = _Quantizer(self.t)
+        if self.target_bytes is not None:
+            size = len(_bitstream(quantizer, exponents, *self.make_header))
+            factor = (size / (self.SIZE_GOAL * self.target_bytes)) ** self.GAIN
+        else:
+            psnr = _psnr_from_mse(quantizer.measure(exponents)[0])
+            factor = 2.0 ** (self.GAIN * (psnr - self.target_psnr - self.PSNR_MARGIN) / self.DB_PER_DOUBLING)
+        self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * min(2.0, max(0.5, factor))))
+
+
+def _learned_exponents(trainer: _Trainer) -> list[int]:
+    return [min(MAX_EXPONENT, max(0, round(-float(s)))) for s in trainer.rate.log2_steps.detach()]
+
+
 def _bitstream(quantizer: _Quantizer, exponents: list[int], width: int, height: int, config: ModelConfig) -> bytes:
     qs, codes = quantizer.codes(exponents)
     header = bitstream.Header(width, height, config, quantizer.t.seed, tuple(codes))
@@ -295,13 +354,15 @@ def _bitstream(quantizer: _Quantizer, exponents: list[int], width: int, height: 
 
 
 def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_bytes: int | None,
-                  target_psnr: float | None, tries: int = 16) -> list[int]:
+                  target_psnr: float | None, tries: int = 16) -> tuple[list[int] | None, bool]:
     """Bisect the lambda of the step search (trained weights fixed) to meet a target.
 
     Size: the largest stream not above target_bytes, stopping within 3% under it.
     PSNR: the smallest stream with PSNR >= target_psnr, stopping within 0.1 dB above it.
+    Returns (exponents, landed in that band); exponents is None when no stream meets the
+    target (for a PSNR: the highest PSNR seen instead, with landed False).
     """
-    lo, hi = math.log(quantizer.lmbda) - 8, math.log(quantizer.lmbda) + 8
+    lo, hi = math.log(quantizer.lmbda) - 4, math.log(quantizer.lmbda) + 4
     best: tuple[int, list[int]] | None = None  # (size, exponents)
     closest = (-math.inf, exponents)  # highest PSNR seen, for an unreachable PSNR target
     for _ in range(tries):
@@ -316,22 +377,18 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_byte
             if ok and (best is None or size > best[0]):
                 best = (size, exps)
             if ok and size >= 0.97 * target_bytes:
-                break
+                return exps, True
             lo, hi = (lo, mid) if ok else (mid, hi)  # room left: lower lambda, more bits
         else:
             ok = psnr >= target_psnr
             if ok and (best is None or size < best[0]):
                 best = (size, exps)
             if ok and psnr <= target_psnr + 0.1:
-                break
+                return exps, True
             lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: higher lambda, fewer bits
     if best is not None:
-        return best[1]
-    if target_bytes is not None:
-        raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
-    warnings.warn(f"target PSNR {target_psnr} dB not reached (best {closest[0]:.2f} dB): "
-                  "use more iterations or a larger network", RuntimeWarning, stacklevel=3)
-    return closest[1]
+        return best[1], False
+    return (None if target_bytes is not None else closest[1]), False
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
@@ -377,9 +434,10 @@ def encode(
     HYBRID_CONFIGS; with `preset`, all of them; 4000 iterations by default instead of 2000). `seeds` > 1 trains that many candidates (noise seeds
     seed, seed+1, ...) briefly and keeps the best. `verbose` shows a progress bar.
 
-    Rate control: `target_bytes` gives the largest stream not above that size (within 3%),
-    `target_psnr` the smallest stream reaching that PSNR (within 0.1 dB); the quality level
-    is then chosen from the target, and one training run is followed by a search.
+    Rate control: `target_bytes` gives the largest stream not above that size (aiming within
+    3% under it), `target_psnr` the smallest stream reaching that PSNR (aiming within 0.1 dB);
+    the quality level is chosen from the target and lambda is steered toward it during the
+    one training run.
     """
     array = load_image(image)
     height, width, channels = array.shape
@@ -420,28 +478,56 @@ def encode(
             report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
     trainer = min(trainers, key=lambda t: t.loss)
     del trainers
+    # Rate control steers lambda from 20% of the main phase (once the latents have formed)
+    # until 80% of the fine-tuning, then the step search lands on the target.
+    control = None
+    if target_bytes is not None or target_psnr is not None:
+        control = _LambdaControl(trainer, (width, height, cfg), target_bytes, target_psnr, every=25)
     for it in range(n_candidate, n_main):
         report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
+        if control and n_main // 5 <= it:
+            control.update(it)
 
     # Per-tensor steps: start from the learned ones, search with the real coded size, then
     # fine-tune at those steps with hard rounding (straight-through) and polish the search.
     bar.set_description("n2l quantize")
-    exponents = [min(MAX_EXPONENT, max(0, round(-float(s)))) for s in trainer.rate.log2_steps.detach()]
-    exponents = _Quantizer(trainer).search(exponents, passes=2, reach=4)
-    bar.set_description("n2l fine-tune")
-    for it in range(n_qat):
-        lr = tc.qat_lr * _lr_factor(it, n_qat, 1)
-        report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)
-    quantizer = _Quantizer(trainer)
+    exponents = _Quantizer(trainer).search(_learned_exponents(trainer), passes=2, reach=4)
+
+    def fine_tune(n: int) -> None:
+        trainer.rate.fix(exponents)
+        for it in range(n):
+            lr = tc.qat_lr * _lr_factor(it, n, 1)
+            report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)
+            if control and it < 0.8 * n:
+                control.update(it, exponents)
 
     def make(exps: list[int]) -> bytes:
         return _bitstream(quantizer, exps, width, height, cfg)
 
-    if target_bytes is None and target_psnr is None:
+    bar.set_description("n2l fine-tune")
+    fine_tune(n_qat)
+    quantizer = _Quantizer(trainer)
+    if control is None:
         exponents = quantizer.search(exponents, passes=1, reach=1)
     else:
-        bar.set_description("n2l rate control")
-        exponents = _rate_control(quantizer, exponents, make, target_bytes, target_psnr)
+        # Missing the band means the last steps of training moved the size: fine-tune a little
+        # longer under control (a warm start, not a new encode) and search again.
+        for retry in range(RATE_CONTROL_RETRIES + 1):
+            bar.set_description("n2l rate control")
+            found, landed = _rate_control(quantizer, exponents, make, target_bytes, target_psnr)
+            if landed or retry == RATE_CONTROL_RETRIES or n_qat < 2:
+                break
+            exponents = found or exponents
+            bar.total += n_qat // 2
+            fine_tune(n_qat // 2)
+            quantizer = _Quantizer(trainer)
+        if found is None:
+            raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
+        reached = _psnr_from_mse(quantizer.measure(found)[0])
+        if target_psnr is not None and reached < target_psnr:
+            warnings.warn(f"target PSNR {target_psnr} dB not reached (best {reached:.2f} dB): "
+                          "use more iterations or a larger network", RuntimeWarning, stacklevel=2)
+        exponents = found
     buf = make(exponents)
     mse, _ = quantizer.measure(exponents)
     bar.set_postfix(psnr=f"{_psnr_from_mse(mse):.2f}", bpp=f"{8 * len(buf) / (width * height):.3f}",

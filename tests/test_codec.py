@@ -115,3 +115,17 @@ def test_hybrid_mode_round_trip(crop64):
 def test_hybrid_rate_control_never_exceeds_the_target_size(crop64):
     buf = n2l.encode(crop64, mode="hybrid", target_bytes=600, iterations=100, verbose=False)
     assert len(buf) <= 600 and n2l.read_header(buf).config.coded_scales > 0
+
+
+@pytest.mark.parametrize(("target", "raises"), [({"target_bytes": 40}, True), ({"target_bytes": 10**6}, False),
+                                                ({"target_psnr": 3.0}, True), ({"target_psnr": 90.0}, False)])
+def test_rate_control_steers_lambda_toward_the_target(crop64, target, raises):
+    """Training-time rate control: a stream too large (or a PSNR to spare) raises lambda."""
+    from n2l.encoder import HYBRID_CONFIGS, TrainingConfig, _LambdaControl, _Trainer
+    config = HYBRID_CONFIGS[3]
+    trainer = _Trainer(config, 0, torch.from_numpy(crop64).permute(2, 0, 1).float() / 255, 1e-3, TrainingConfig())
+    for _ in range(5):
+        trainer.step(1e-2)
+    control = _LambdaControl(trainer, (64, 64, config), target.get("target_bytes"), target.get("target_psnr"), every=1)
+    control.update(0)
+    assert (trainer.lmbda > 1e-3) == raises and 0.5e-3 <= trainer.lmbda <= 2e-3
