@@ -90,31 +90,21 @@ class TrainingConfig:
     init_log2_step: float = -8.0
 
 
-def _laplace_bits_each(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """-log2 P([a - 1/2, a + 1/2]) under a zero-mean Laplace of scale b, for a = |v|; at most
-    24 bits, as the coder's 24-bit probabilities give every symbol at least 2^-24."""
-    lo = a - 0.5
-    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / b))  # |v| >= 1/2
-    centre = torch.log((1 - 0.5 * (torch.exp(-(a + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
-    return -torch.where(lo >= 0, tail, centre).clamp_min(-24 * math.log(2)) / math.log(2)
-
-
 def laplace_bits(v: torch.Tensor) -> torch.Tensor:
     """Bits to code values v (in units of their step) under a zero-mean Laplace with unit bins.
 
-    Each value costs its information content, so the estimate follows the real distribution
-    (latents are far from Laplacian) rather than the entropy of an ideal Laplace source. The
-    scale is the one that costs least, chosen as the coder chooses it (n2l.weights
-    `_best_scale_code`): between the mean |v| and the scale that predicts the share of values in
-    the central bin, the two differing tenfold on sparse tensors.
+    Each value costs -log2 P([|v| - 1/2, |v| + 1/2]) under the Laplace whose scale is the mean
+    |v| (the gradient flows through it too), so the estimate follows the real distribution
+    rather than the entropy of an ideal Laplace source. On sparse tensors it charges the rare
+    nonzero values more than the coder (which fits the scale for the fewest bits) does; that
+    bias pushes latents toward sparsity, and removing it lost RD (bench/RESULTS.md 7d).
     """
-    a = v.abs().flatten()
-    with torch.no_grad():
-        central = (a < 0.5).float().mean().clamp(1 / (a.numel() + 1), a.numel() / (a.numel() + 1))
-        ends = torch.stack([a.mean(), -0.5 / torch.log1p(-central)]).clamp_min(2.0**-8).log2()
-        grid = torch.exp2(torch.linspace(float(ends.min()) - 0.25, float(ends.max()) + 0.25, 8, device=v.device))
-        b = grid[_laplace_bits_each(a, grid[:, None]).sum(1).argmin()]
-    return _laplace_bits_each(a, b).sum()
+    a = v.abs()
+    b = a.mean().clamp_min(1e-3)
+    lo = a - 0.5
+    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / b))  # |v| >= 1/2
+    centre = torch.log((1 - 0.5 * (torch.exp(-(a + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
+    return -torch.where(lo >= 0, tail, centre).sum() / math.log(2)
 
 
 @functools.cache
@@ -490,8 +480,14 @@ def encode(
 
     # Per-tensor steps: start from the learned ones, search with the real coded size, then
     # fine-tune at those steps with hard rounding (straight-through) and polish the search.
+    def make(exps: list[int]) -> bytes:
+        return _bitstream(quantizer, exps, width, height, cfg)
+
     bar.set_description("n2l quantize")
-    exponents = _Quantizer(trainer).search(_learned_exponents(trainer), passes=2, reach=4)
+    quantizer = _Quantizer(trainer)
+    exponents = quantizer.search(_learned_exponents(trainer), passes=2, reach=4)
+    if control:  # start fine-tuning at the target, not where the training lambda's search lands
+        exponents = _rate_control(quantizer, exponents, make, target_bytes, target_psnr)[0] or exponents
 
     def fine_tune(n: int) -> None:
         trainer.rate.fix(exponents)
@@ -500,9 +496,6 @@ def encode(
             report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)
             if control and it < 0.8 * n:
                 control.update(it, exponents)
-
-    def make(exps: list[int]) -> bytes:
-        return _bitstream(quantizer, exps, width, height, cfg)
 
     bar.set_description("n2l fine-tune")
     fine_tune(n_qat)
