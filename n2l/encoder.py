@@ -10,7 +10,7 @@ Training (loss = MSE + lambda * bits / pixels):
 3. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
    size (constriction), starting from the learned steps;
 4. quantization-aware phase: hard rounding with straight-through gradients at those steps
-   (the rate proxy now at those steps too), a last local search, then the bitstream is written.
+   (the rate proxy evaluated at those steps too), a last local search, then the bitstream is written.
 
 Rate control (a size or PSNR target) steers lambda during training with the real coded size
 or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in the band.
