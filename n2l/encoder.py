@@ -421,8 +421,9 @@ def encode(
     quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
     `lmbda` overrides the lambda. `mode` is "pure" (the paper's design: every latent is
     generated from seeded noise) or "hybrid" (the coarse latent scales are transmitted, see
-    HYBRID_CONFIGS; with `preset`, all of them; 4000 iterations by default instead of 2000). `seeds` > 1 trains that many candidates (noise seeds
-    seed, seed+1, ...) briefly and keeps the best. `verbose` shows a progress bar.
+    HYBRID_CONFIGS; with `preset`, all of them; 4000 iterations by default instead of 2000).
+    `seeds` > 1 trains that many candidates (noise seeds seed, seed+1, ...) briefly and keeps
+    the best. `verbose` shows a progress bar.
 
     Rate control: `target_bytes` gives the largest stream not above that size (aiming within
     3% under it), `target_psnr` the smallest stream reaching that PSNR (aiming within 0.1 dB);

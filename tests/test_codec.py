@@ -111,7 +111,6 @@ def test_hybrid_mode_round_trip(crop64):
         assert np.abs(cpu.astype(int) - decoded.astype(int)).max() <= 1
 
 
-
 def test_hybrid_rate_control_never_exceeds_the_target_size(crop64):
     buf = n2l.encode(crop64, mode="hybrid", target_bytes=600, iterations=100, verbose=False)
     assert len(buf) <= 600 and n2l.read_header(buf).config.coded_scales > 0

@@ -71,4 +71,3 @@ def test_fitted_scale_costs_what_the_best_signalled_scale_costs(latent):
     code = fit_code(q, 0, latent=latent)
     brute = min(tensor_bits(q, type(code)(**{**code.__dict__, "scale_code": c})) for c in range(*SCALE_CODE_RANGE))
     assert tensor_bits(q, code) <= 1.005 * brute
-
