@@ -10,10 +10,13 @@ Training (loss = MSE + lambda * bits / pixels):
 3. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
    size (constriction), starting from the learned steps;
 4. quantization-aware phase: hard rounding with straight-through gradients at those steps
-   (the rate proxy evaluated at those steps too), a last local search, then the bitstream is written.
+   (the rate proxy evaluated at those steps too) and a last local search;
+5. hybrid mode: rate-distortion optimized rounding of the transmitted latents, one value at a
+   time (`_Refinement`); then the bitstream is written.
 
 Rate control (a size or PSNR target) steers lambda during training with the real coded size
-or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in the band.
+or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in the band;
+where the steps are too coarse a knob, latent values are refined one at a time (`_trim`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .weights import (
     MAX_EXPONENT,
     TensorCode,
     anchor_mask,
+    checkerboard_halves,
     dequantize,
     encode_tensors,
     fit_code,
@@ -207,10 +211,10 @@ def _straight_through(params: dict[str, torch.Tensor], exponents: list[int]) -> 
 class _Quantizer:
     """Evaluates MSE + lambda * bpp of the network quantized with given per-tensor exponents."""
 
-    def __init__(self, trainer: _Trainer):
+    def __init__(self, trainer: _Trainer, float_params: dict[str, torch.Tensor] | None = None):
         self.t = trainer
         self.lmbda = trainer.lmbda
-        self.float_params = {n: p.detach().clone() for n, p in trainer.params.items()}
+        self.float_params = float_params or {n: p.detach().clone() for n, p in trainer.params.items()}
         self.cache: dict[tuple[str, int], tuple] = {}
         self.measured: dict[tuple[int, ...], tuple[float, float]] = {}  # exponents -> (mse, bpp)
 
@@ -272,6 +276,129 @@ class _Quantizer:
         return [q for q, _, _ in entries], [code for _, code, _ in entries]
 
 
+def _laplace_info(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Bits of integers x under Laplace(mean, scale) distributions discretized to unit bins."""
+    d = np.abs(x - mean)
+    tail = math.log(0.5) - np.maximum(d - 0.5, 0) / scale + np.log1p(-np.exp(-1 / scale))
+    centre = np.log(np.maximum(1 - 0.5 * (np.exp(-(0.5 - np.minimum(d, 0.5)) / scale) + np.exp(-(d + 0.5) / scale)), 1e-300))
+    return -np.where(d >= 0.5, tail, centre) / math.log(2)
+
+
+class _Refinement:
+    """Per-value rate-distortion refinement of the transmitted latents' integers (RDOQ).
+
+    Every latent integer may move one step up or down. A move's bit change comes from the
+    coder's model (Laplace scales, checkerboard means), its MSE change from a second-order
+    estimate: the gradient and a Hutchinson estimate of the squared Jacobian column norms.
+    `ranked` orders one move per value for a purpose (saving bits, spending them, or the RD
+    cost at a lambda) and `apply` gives a quantizer whose latents carry a prefix of that order.
+    The moves interact, so callers measure what they apply (sizes and MSEs are real).
+    """
+
+    def __init__(self, quantizer: _Quantizer, exponents: list[int], probes: int = 16):
+        self.quantizer, self.exponents = quantizer, exponents
+        t = quantizer.t
+        params = {}
+        for (name, p), e in zip(quantizer.float_params.items(), exponents):
+            q = quantizer.tensor(name, e)[0]
+            params[name] = dequantize(q, e, p.shape).to(p.device).requires_grad_(name.startswith("coded."))
+        self.names = [n for n in params if n.startswith("coded.")]
+        leaves = [params[n] for n in self.names]
+        out = functional_call(t.model, params, (t.noise,)).clamp(0, 1)
+        grads = torch.autograd.grad(((out - t.target) ** 2).sum(), leaves, retain_graph=True)
+        curvature = [torch.zeros_like(leaf) for leaf in leaves]
+        generator = torch.Generator(device=out.device).manual_seed(0)
+        for _ in range(probes):
+            v = torch.randint(0, 2, out.shape, generator=generator, device=out.device).float() * 2 - 1
+            for c, g in zip(curvature, torch.autograd.grad(out, leaves, v, retain_graph=True)):
+                c += g * g / probes
+        # Per value: which tensor, where, and for the moves down (-1) and up (+1) dMSE and dbits.
+        where, d_mse, d_bits, boxes = [], [], [], []
+        for k, (name, g, c) in enumerate(zip(self.names, grads, curvature)):
+            e = exponents[list(params).index(name)]
+            q, code, _ = quantizer.tensor(name, e)
+            mask = np.broadcast_to(anchor_mask(*q.shape[1:]), q.shape)
+            mean, scale = np.zeros(q.shape), np.full(q.shape, max(code.scale, 2.0**-8))
+            if code.max_abs and not mask.all():
+                mean[~mask], scale[~mask] = checkerboard_halves(q, code)[2], code.pred_scale
+            boxes.append(self._footprints(t.model.config, name, q.shape, t.target.shape[-2:]))
+            g = g.detach().cpu().double().numpy().ravel()
+            c = c.detach().cpu().double().numpy().ravel()
+            q, mean, scale = q.ravel(), mean.ravel(), scale.ravel()
+            bits = _laplace_info(q, mean, scale)
+            step = 2.0**-e
+            d_mse.append(np.stack([(g * d * step + c * step**2) / out.numel() for d in (-1, 1)]))
+            d_bits.append(np.stack([_laplace_info(q + d, mean, scale) - bits for d in (-1, 1)]))
+            where.append(np.stack([np.full(q.size, k), np.arange(q.size)]))
+        self.boxes = np.concatenate(boxes, axis=1) if boxes else np.zeros((4, 0), np.int64)
+        self.where = np.concatenate(where, axis=1) if where else np.zeros((2, 0), np.int64)
+        self.d_mse = np.concatenate(d_mse, axis=1) if d_mse else np.zeros((2, 0))
+        self.d_bits = np.concatenate(d_bits, axis=1) if d_bits else np.zeros((2, 0))
+
+    @staticmethod
+    def _footprints(config: ModelConfig, name: str, shape: tuple[int, ...], size) -> np.ndarray:
+        """[4, values]: the output rows and columns [r0, r1) x [c0, c1) each value can change
+        (bilinear upsampling reaches one coarse pixel either side; each 3x3 layer one more)."""
+        scale = config.n_scales - 1 - int(name.split(".")[1])
+        f, margin = 1 << scale, config.synth_residual
+        _, i, j = np.unravel_index(np.arange(math.prod(shape)), shape)
+        rows = np.clip([f * (i - 1) - margin, f * (i + 2) + margin], 0, size[0])
+        cols = np.clip([f * (j - 1) - margin, f * (j + 2) + margin], 0, size[1])
+        return np.concatenate([rows, cols])
+
+    def ranked(self, purpose: str, lmbda: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(values, directions) of useful moves with disjoint footprints, best first.
+
+        Moves whose output footprints do not overlap add up (their estimates are independent);
+        those that overlap a better one wait for the next round. "save": moves that save bits,
+        by MSE added per bit saved; "spend": moves that lower the MSE, by MSE removed per bit
+        spent (free ones first); "rd": moves that lower MSE + lambda * bits (lambda per bit:
+        the encode's lambda / pixels), by that change.
+        """
+        d_mse, d_bits = self.d_mse, self.d_bits
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if purpose == "save":
+                key = np.where(d_bits < 0, d_mse / -d_bits, np.inf)
+            elif purpose == "spend":
+                key = np.where(d_mse < 0, np.where(d_bits > 0, d_mse / d_bits, -np.inf), np.inf)
+            else:
+                key = d_mse + lmbda * d_bits
+                key = np.where(key < 0, key, np.inf)
+        choice = np.argmin(key, axis=0)
+        best = key[choice, np.arange(key.shape[1])]
+        values = np.flatnonzero(best < np.inf)
+        values = values[np.argsort(best[values], kind="stable")]
+        claimed = np.zeros((len(self.names), *self.quantizer.t.target.shape[-2:]), bool)  # per scale
+        keep = []
+        for v in values:
+            k, (r0, r1, c0, c1) = self.where[0, v], self.boxes[:, v]
+            if not claimed[k, r0:r1, c0:c1].any():
+                claimed[k, r0:r1, c0:c1] = True
+                keep.append(v)
+        values = np.array(keep, np.int64)
+        return values, 2 * choice[values] - 1
+
+    def apply(self, values: np.ndarray, directions: np.ndarray) -> _Quantizer:
+        """A quantizer of the same network whose latents carry these moves."""
+        quantizer = self.quantizer
+        float_params = dict(quantizer.float_params)
+        names = list(float_params)
+        ints = {}
+        for k in np.unique(self.where[0, values]):
+            name = self.names[k]
+            e = self.exponents[names.index(name)]
+            picked = self.where[0, values] == k
+            q = quantizer.tensor(name, e)[0].copy()
+            q.ravel()[self.where[1, values[picked]]] += directions[picked]
+            ints[name] = q
+            shape = float_params[name].shape
+            float_params[name] = dequantize(q, e, shape).to(float_params[name].device)
+        refined = _Quantizer(quantizer.t, float_params)
+        refined.lmbda = quantizer.lmbda
+        refined.cache = {key: entry for key, entry in quantizer.cache.items() if key[0] not in ints}
+        return refined
+
+
 # Rate control starts from the largest quality level whose network fits the target at about
 # 4 bits per parameter (coded weights cost 5-5.5 bits per parameter at every level on 256x256
 # Kodak crops, fewer on small images and short encodes); PSNR targets start from the typical
@@ -313,8 +440,8 @@ class _LambdaControl:
     SIZE_GOAL = 0.985  # of target_bytes: the middle of the accepted band [0.97, 1]
     PSNR_MARGIN = 0.05  # dB above target_psnr: the middle of the accepted band
 
-    def __init__(self, trainer: _Trainer, make_header, target_bytes: int | None, target_psnr: float | None, every: int):
-        self.t, self.make_header, self.every = trainer, make_header, every
+    def __init__(self, trainer: _Trainer, header, target_bytes: int | None, target_psnr: float | None, every: int):
+        self.t, self.header, self.every = trainer, header, every
         self.target_bytes, self.target_psnr = target_bytes, target_psnr
         self.bounds = (trainer.lmbda * 1e-4, trainer.lmbda * 1e4)  # an unreachable target stops here
 
@@ -325,7 +452,7 @@ class _LambdaControl:
             exponents = _learned_exponents(self.t)
         quantizer = _Quantizer(self.t)
         if self.target_bytes is not None:
-            size = len(_bitstream(quantizer, exponents, *self.make_header))
+            size = len(_bitstream(quantizer, exponents, *self.header))
             factor = (size / (self.SIZE_GOAL * self.target_bytes)) ** self.GAIN
         else:
             psnr = _psnr_from_mse(quantizer.measure(exponents)[0])
@@ -343,42 +470,111 @@ def _bitstream(quantizer: _Quantizer, exponents: list[int], width: int, height: 
     return bitstream.write(header, encode_tensors(qs, codes))
 
 
-def _rate_control(quantizer: _Quantizer, exponents: list[int], make, target_bytes: int | None,
-                  target_psnr: float | None, tries: int = 16) -> tuple[list[int] | None, bool]:
+def _rate_control(quantizer: _Quantizer, exponents: list[int], header: tuple, target_bytes: int | None,
+                  target_psnr: float | None, tries: int = 16) -> tuple[list[int] | None, bool, list[int] | None]:
     """Bisect the lambda of the step search (trained weights fixed) to meet a target.
 
     Size: the largest stream not above target_bytes, stopping within 3% under it.
     PSNR: the smallest stream with PSNR >= target_psnr, stopping within 0.1 dB above it.
-    Returns (exponents, landed in that band); exponents is None when no stream meets the
-    target (for a PSNR: the highest PSNR seen instead, with landed False).
+    Returns (exponents, landed in that band, above): exponents is None when no stream meets
+    the target (for a PSNR: the highest PSNR seen instead, with landed False); `above` is the
+    nearest assignment on the far side of the band (the smallest stream over a size target,
+    or the found one when its PSNR is above the band), for `_trim`, or None.
     """
     lo, hi = math.log(quantizer.lmbda) - 4, math.log(quantizer.lmbda) + 4
     best: tuple[int, list[int]] | None = None  # (size, exponents)
+    over: tuple[int, list[int]] | None = None  # the smallest stream over a size target
     closest = (-math.inf, exponents)  # highest PSNR seen, for an unreachable PSNR target
     for _ in range(tries):
         mid = (lo + hi) / 2
         quantizer.lmbda = math.exp(mid)
         exps = quantizer.search(exponents, passes=2, reach=4)
-        size = len(make(exps))
+        size = len(_bitstream(quantizer, exps, *header))
         psnr = _psnr_from_mse(quantizer.measure(exps)[0])
         closest = max(closest, (psnr, exps), key=lambda c: c[0])
         if target_bytes is not None:
             ok = size <= target_bytes
             if ok and (best is None or size > best[0]):
                 best = (size, exps)
+            if not ok and (over is None or size < over[0]):
+                over = (size, exps)
             if ok and size >= 0.97 * target_bytes:
-                return exps, True
+                return exps, True, None
             lo, hi = (lo, mid) if ok else (mid, hi)  # room left: lower lambda, more bits
         else:
             ok = psnr >= target_psnr
             if ok and (best is None or size < best[0]):
                 best = (size, exps)
             if ok and psnr <= target_psnr + 0.1:
-                return exps, True
+                return exps, True, None
             lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: higher lambda, fewer bits
-    if best is not None:
-        return best[1], False
-    return (None if target_bytes is not None else closest[1]), False
+    if target_bytes is not None:
+        return (best[1] if best else None), False, (over[1] if over else None)
+    return (best[1] if best else closest[1]), False, (best[1] if best else None)
+
+
+def _apply_prefix(moves: _Refinement, values: np.ndarray, directions: np.ndarray, n: int) -> _Quantizer:
+    return moves.apply(values[:n], directions[:n])
+
+
+def _trim(quantizer: _Quantizer, exponents: list[int], header: tuple, target_bytes: int | None,
+          target_psnr: float | None, rounds: int = 32) -> _Quantizer | None:
+    """Land in the target band from an assignment outside it by moving latent values one at a
+    time (the steps are too coarse a knob); None if it cannot.
+
+    Below the band (a smaller stream, or a lower PSNR) the moves spend bits where they lower the
+    MSE most; above it they save bits where that costs the least MSE. Each round re-estimates
+    the moves and takes its independent ones (disjoint footprints), bisecting inside the round
+    that crosses the band's edge.
+    """
+    def size(q: _Quantizer) -> int:
+        return len(_bitstream(q, exponents, *header))
+
+    def psnr(q: _Quantizer) -> float:
+        return _psnr_from_mse(q.measure(exponents)[0])
+
+    def beyond(q: _Quantizer) -> bool:  # past the band's far edge in the direction of travel
+        if target_bytes is not None:
+            return size(q) > target_bytes if spend else size(q) <= target_bytes
+        return psnr(q) >= target_psnr if spend else psnr(q) < target_psnr
+
+    spend = size(quantizer) < target_bytes if target_bytes is not None else psnr(quantizer) < target_psnr
+    keep_last = (target_bytes is not None) == spend  # whether the band is before the edge
+    current = quantizer
+    for _ in range(rounds):
+        moves = _Refinement(current, exponents)
+        values, directions = moves.ranked("spend" if spend else "save")
+        if not len(values):
+            return None
+        applied = functools.lru_cache(maxsize=None)(functools.partial(_apply_prefix, moves, values, directions))
+        if not beyond(applied(len(values))):
+            current = applied(len(values))
+            continue
+        lo, hi = 0, len(values)
+        while lo < hi:  # the first n that is beyond
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if beyond(applied(mid)) else (mid + 1, hi)
+        current = applied(lo - 1 if keep_last else lo)
+        break
+    if target_bytes is not None:
+        return current if 0.97 * target_bytes <= size(current) <= target_bytes else None
+    return current if target_psnr <= psnr(current) <= target_psnr + 0.1 else None
+
+
+def _refine(quantizer: _Quantizer, exponents: list[int], rounds: int = 8) -> _Quantizer:
+    """RDOQ at the encode's lambda: apply the independent latent moves whose estimated
+    MSE + lambda * bpp change is negative (or the better half of them) while that lowers the
+    measured cost, re-estimating each round."""
+    best = quantizer
+    for _ in range(rounds):
+        moves = _Refinement(best, exponents)
+        values, directions = moves.ranked("rd", best.lmbda / best.t.pixels)
+        candidates = (moves.apply(values[:n], directions[:n]) for n in (len(values), len(values) // 2) if n)
+        better = next((c for c in candidates if c.cost(exponents) < best.cost(exponents)), None)
+        if better is None:
+            break
+        best = better
+    return best
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
@@ -481,14 +677,12 @@ def encode(
 
     # Per-tensor steps: start from the learned ones, search with the real coded size, then
     # fine-tune at those steps with hard rounding (straight-through) and polish the search.
-    def make(exps: list[int]) -> bytes:
-        return _bitstream(quantizer, exps, width, height, cfg)
-
+    header = (width, height, cfg)
     bar.set_description("n2l quantize")
     quantizer = _Quantizer(trainer)
     exponents = quantizer.search(_learned_exponents(trainer), passes=2, reach=4)
     if control:  # start fine-tuning at the target, not where the training lambda's search lands
-        exponents = _rate_control(quantizer, exponents, make, target_bytes, target_psnr)[0] or exponents
+        exponents = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)[0] or exponents
 
     def fine_tune(n: int) -> None:
         trainer.rate.fix(exponents)
@@ -503,18 +697,35 @@ def encode(
     quantizer = _Quantizer(trainer)
     if control is None:
         exponents = quantizer.search(exponents, passes=1, reach=1)
+        if cfg.coded_scales:
+            quantizer = _refine(quantizer, exponents)
     else:
         # Missing the band means the last steps of training moved the size: fine-tune a little
         # longer under control (a warm start, not a new encode) and search again.
         for retry in range(RATE_CONTROL_RETRIES + 1):
             bar.set_description("n2l rate control")
-            found, landed = _rate_control(quantizer, exponents, make, target_bytes, target_psnr)
+            found, landed, beyond = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)
             if landed or retry == RATE_CONTROL_RETRIES or n_qat < 2:
                 break
             exponents = found or exponents
             bar.total += n_qat // 2
             fine_tune(n_qat // 2)
             quantizer = _Quantizer(trainer)
+        if not landed and cfg.coded_scales:
+            # The steps are too coarse a knob here: move latent values one at a time instead,
+            # from the nearest stream on either side of the band; keep the best that lands
+            # (for a size, never one with a lower PSNR than the stream below the band).
+            floor = -math.inf if found is None else _psnr_from_mse(quantizer.measure(found)[0])
+            landings = []
+            for start in {tuple(e) for e in (found, beyond) if e is not None}:
+                trimmed = _trim(quantizer, list(start), header, target_bytes, target_psnr)
+                if trimmed is not None:
+                    size = len(_bitstream(trimmed, list(start), *header))
+                    psnr = _psnr_from_mse(trimmed.measure(list(start))[0])
+                    if target_bytes is None or psnr >= floor:
+                        landings.append((psnr if target_bytes is not None else -size, trimmed, list(start)))
+            if landings:
+                _, quantizer, found = max(landings, key=lambda c: c[0])
         if found is None:
             raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
         reached = _psnr_from_mse(quantizer.measure(found)[0])
@@ -522,7 +733,7 @@ def encode(
             warnings.warn(f"target PSNR {target_psnr} dB not reached (best {reached:.2f} dB): "
                           "use more iterations or a larger network", RuntimeWarning, stacklevel=2)
         exponents = found
-    buf = make(exponents)
+    buf = _bitstream(quantizer, exponents, *header)
     mse, _ = quantizer.measure(exponents)
     bar.set_postfix(psnr=f"{_psnr_from_mse(mse):.2f}", bpp=f"{8 * len(buf) / (width * height):.3f}",
                     time=f"{time.perf_counter() - started:.1f}s")

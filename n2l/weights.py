@@ -89,7 +89,7 @@ def neighbour_sum_count(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return total, np.broadcast_to(count, q.shape)
 
 
-def _halves(q: np.ndarray, code: LatentCode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def checkerboard_halves(q: np.ndarray, code: LatentCode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(anchors, others, means of the others) of a latent [C, h, w], flattened."""
     mask = np.broadcast_to(anchor_mask(*q.shape[1:]), q.shape)
     total, count = neighbour_sum_count(np.where(mask, q, 0))
@@ -106,7 +106,7 @@ def _encode(coder, q: np.ndarray, code: TensorCode) -> None:
     if not isinstance(code, LatentCode):
         coder.encode_reverse(q.ravel(), _laplace(code))
         return
-    anchors, others, means = _halves(q, code)
+    anchors, others, means = checkerboard_halves(q, code)
     if others.size:
         _encode_others(coder, others, means, code.max_abs, code.pred_scale)
     coder.encode_reverse(anchors, _laplace(code))
@@ -123,7 +123,7 @@ def _decode(coder, code: TensorCode, shape: tuple[int, ...]) -> np.ndarray:
     q[mask] = coder.decode(_laplace(code), int(mask.sum()))
     n_others = size - int(mask.sum())
     if n_others:
-        _, _, means = _halves(q, code)
+        _, _, means = checkerboard_halves(q, code)
         family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
         q[~mask] = coder.decode(family, means, np.full(n_others, code.pred_scale))
     return q
@@ -165,13 +165,13 @@ def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode:
         scale = _best_scale_code(q, 0.0, lambda c: _bits_under(q, TensorCode(exponent, c, max_abs)))
         return TensorCode(exponent, scale, max_abs)
     probe = LatentCode(exponent, 0, max_abs, 0, ALPHA_ONE)
-    anchors, others, means = _halves(q, probe)  # means at alpha = 1
+    anchors, others, means = checkerboard_halves(q, probe)  # means at alpha = 1
     scale = _best_scale_code(anchors, 0.0, lambda c: _bits_under(anchors, TensorCode(exponent, c, max_abs)))
     if not others.size:
         return LatentCode(exponent, scale, max_abs)
     dot = float(means @ means)
     alpha = min(ALPHA_ONE, max(0, round(ALPHA_ONE * float(others @ means) / dot))) if dot else 0
-    _, _, means = _halves(q, LatentCode(exponent, scale, max_abs, 0, alpha))  # exactly as coded
+    _, _, means = checkerboard_halves(q, LatentCode(exponent, scale, max_abs, 0, alpha))  # exactly as coded
 
     def cost(c: int) -> float:
         coder = constriction.stream.stack.AnsCoder()

@@ -7,7 +7,7 @@ from PIL import Image
 
 import n2l
 from n2l.decoder import backend_available
-from n2l.images import ImageError
+from n2l.images import ImageError, to_tensor
 
 
 def _blurred(img: np.ndarray, factor: int) -> np.ndarray:
@@ -59,7 +59,7 @@ def test_odd_sizes_and_grayscale(shape):
 def test_input_types_give_the_same_pixels(crop64, tmp_path):
     path = tmp_path / "crop.png"
     Image.fromarray(crop64).save(path)
-    tensor = torch.from_numpy(crop64).permute(2, 0, 1).float() / 255
+    tensor = to_tensor(crop64)
     for source in (str(path), path, Image.fromarray(crop64), tensor):
         assert np.array_equal(n2l.load_image(source), crop64)
 
@@ -122,9 +122,53 @@ def test_rate_control_steers_lambda_toward_the_target(crop64, target, raises):
     """Training-time rate control: a stream too large (or a PSNR to spare) raises lambda."""
     from n2l.encoder import HYBRID_CONFIGS, TrainingConfig, _LambdaControl, _Trainer
     config = HYBRID_CONFIGS[3]
-    trainer = _Trainer(config, 0, torch.from_numpy(crop64).permute(2, 0, 1).float() / 255, 1e-3, TrainingConfig())
+    trainer = _Trainer(config, 0, to_tensor(crop64), 1e-3, TrainingConfig())
     for _ in range(5):
         trainer.step(1e-2)
     control = _LambdaControl(trainer, (64, 64, config), target.get("target_bytes"), target.get("target_psnr"), every=1)
     control.update(0)
     assert (trainer.lmbda > 1e-3) == raises and 0.5e-3 <= trainer.lmbda <= 2e-3
+
+
+@pytest.fixture(scope="module")
+def hybrid_quantizer(crop64):
+    """A briefly trained hybrid network, quantized at its searched steps."""
+    from n2l.encoder import HYBRID_CONFIGS, TrainingConfig, _learned_exponents, _Quantizer, _Trainer
+    config = HYBRID_CONFIGS[3]
+    trainer = _Trainer(config, 0, to_tensor(crop64), 2e-3, TrainingConfig())
+    for _ in range(300):
+        trainer.step(1e-2)
+    quantizer = _Quantizer(trainer)
+    return quantizer, quantizer.search(_learned_exponents(trainer), passes=2, reach=4), (64, 64, config)
+
+
+@pytest.mark.parametrize(("kind", "offset"), [("bytes", 1.06), ("bytes", 0.94), ("psnr", 0.4), ("psnr", -0.3)])
+def test_latent_refinement_lands_between_the_steps(crop64, hybrid_quantizer, kind, offset):
+    """Rate control's fine knob: from a stream 6% over or under a size target (or 0.4 dB above,
+    0.3 dB below a PSNR target), moving latent values one at a time lands in the band, and the
+    stream decodes to the measured quality."""
+    from n2l.encoder import _bitstream, _psnr_from_mse, _trim
+    quantizer, exponents, header = hybrid_quantizer
+    size = len(_bitstream(quantizer, exponents, *header))
+    psnr = _psnr_from_mse(quantizer.measure(exponents)[0])
+    target_bytes = round(size / offset) if kind == "bytes" else None
+    target_psnr = psnr - offset if kind == "psnr" else None
+    trimmed = _trim(quantizer, exponents, header, target_bytes, target_psnr)
+    assert trimmed is not None
+    buf = _bitstream(trimmed, exponents, *header)
+    reached = n2l.psnr(n2l.decode(buf, device="cpu", backend="torch"), crop64)
+    assert reached == pytest.approx(_psnr_from_mse(trimmed.measure(exponents)[0]), abs=1e-6)
+    if kind == "bytes":
+        assert 0.97 * target_bytes <= len(buf) <= target_bytes
+        assert (reached > psnr) == (target_bytes > size)  # bits spent buy quality
+    else:
+        assert target_psnr <= reached <= target_psnr + 0.1
+        assert (len(buf) < size) == (target_psnr < psnr)
+
+
+def test_refinement_lowers_the_rd_cost(hybrid_quantizer):
+    """RDOQ of the latents at the encode's lambda: the refined network costs less than the
+    plain rounding (this short training leaves moves that pay)."""
+    from n2l.encoder import _refine
+    quantizer, exponents, _ = hybrid_quantizer
+    assert _refine(quantizer, exponents).cost(exponents) < quantizer.cost(exponents)
