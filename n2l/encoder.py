@@ -401,12 +401,13 @@ class _Refinement:
 
 # Rate control starts from the largest quality level whose network fits the target at about
 # 4 bits per parameter (coded weights cost 5-5.5 bits per parameter at every level on 256x256
-# Kodak crops, fewer on small images and short encodes); PSNR targets start from the typical
-# PSNR of each level on those crops (bench/RESULTS.md).
+# Kodak crops, fewer on small images and short encodes). PSNR targets start from the first
+# level whose typical PSNR on those crops reaches the target: a lower level's network may
+# saturate below it (a hybrid network that generates its full-resolution latent does).
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
-# Hybrid mode: the latents carry the rate, so targets start from the level whose typical bpp
-# (or PSNR) on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7b),
+# Hybrid mode: the latents carry the rate, so size targets start from the level whose typical
+# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7b),
 # interpolated geometrically between them and extrapolated above.
 TYPICAL_HYBRID_BPP = (0.29, 0.37, 0.46, 0.57, 0.88, 1.36, 2.09, 2.9, 3.9)
 TYPICAL_HYBRID_PSNR = (26.1, 26.9, 27.7, 28.5, 30.9, 33.3, 35.7, 37.5, 39.0)
@@ -414,15 +415,14 @@ TYPICAL_HYBRID_PSNR = (26.1, 26.9, 27.7, 28.5, 30.9, 33.3, 35.7, 37.5, 39.0)
 
 def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
     """The quality level rate control trains at, from a size or a PSNR target."""
+    if target_psnr is not None:
+        typical = TYPICAL_HYBRID_PSNR if mode == "hybrid" else TYPICAL_PSNR
+        return next((q for q, psnr in enumerate(typical) if psnr >= target_psnr), 8)
     if mode == "hybrid":
-        if target_bytes is not None:
-            bpp = 8 * target_bytes / pixels
-            return min(range(9), key=lambda q: abs(math.log(TYPICAL_HYBRID_BPP[q] / bpp)))
-        return min(range(9), key=lambda q: abs(TYPICAL_HYBRID_PSNR[q] - target_psnr))
-    if target_bytes is not None:
-        fits = [q for q, c in enumerate(QUALITY_CONFIGS) if c.n_params() * BITS_PER_PARAMETER <= 8 * target_bytes]
-        return max(fits, default=0)
-    return next((q for q, typical in enumerate(TYPICAL_PSNR) if typical >= target_psnr), 8)
+        bpp = 8 * target_bytes / pixels
+        return min(range(9), key=lambda q: abs(math.log(TYPICAL_HYBRID_BPP[q] / bpp)))
+    fits = [q for q, c in enumerate(QUALITY_CONFIGS) if c.n_params() * BITS_PER_PARAMETER <= 8 * target_bytes]
+    return max(fits, default=0)
 
 
 class _LambdaControl:
@@ -559,6 +559,29 @@ def _trim(quantizer: _Quantizer, exponents: list[int], header: tuple, target_byt
     if target_bytes is not None:
         return current if 0.97 * target_bytes <= size(current) <= target_bytes else None
     return current if target_psnr <= psnr(current) <= target_psnr + 0.1 else None
+
+
+def _land(quantizer: _Quantizer, found: list[int] | None, beyond: list[int] | None, header: tuple,
+          target_bytes: int | None, target_psnr: float | None) -> tuple[_Quantizer, list[int] | None]:
+    """`_trim` from the nearest streams on both sides of the band (`_rate_control`'s found
+    and beyond); the best landing (for a size, never below the PSNR of the stream under the
+    band), else the inputs unchanged."""
+    floor = -math.inf if found is None else _psnr_from_mse(quantizer.measure(found)[0])
+    landings = []
+    for start in dict.fromkeys(tuple(e) for e in (found, beyond) if e is not None):
+        exponents = list(start)
+        trimmed = _trim(quantizer, exponents, header, target_bytes, target_psnr)
+        if trimmed is None:
+            continue
+        psnr = _psnr_from_mse(trimmed.measure(exponents)[0])
+        if target_bytes is not None and psnr >= floor:
+            landings.append((psnr, trimmed, exponents))
+        elif target_bytes is None:
+            landings.append((-len(_bitstream(trimmed, exponents, *header)), trimmed, exponents))
+    if not landings:
+        return quantizer, found
+    _, trimmed, exponents = max(landings, key=lambda c: c[0])
+    return trimmed, exponents
 
 
 def _refine(quantizer: _Quantizer, exponents: list[int], rounds: int = 8) -> _Quantizer:
@@ -711,21 +734,8 @@ def encode(
             bar.total += n_qat // 2
             fine_tune(n_qat // 2)
             quantizer = _Quantizer(trainer)
-        if not landed and cfg.coded_scales:
-            # The steps are too coarse a knob here: move latent values one at a time instead,
-            # from the nearest stream on either side of the band; keep the best that lands
-            # (for a size, never one with a lower PSNR than the stream below the band).
-            floor = -math.inf if found is None else _psnr_from_mse(quantizer.measure(found)[0])
-            landings = []
-            for start in {tuple(e) for e in (found, beyond) if e is not None}:
-                trimmed = _trim(quantizer, list(start), header, target_bytes, target_psnr)
-                if trimmed is not None:
-                    size = len(_bitstream(trimmed, list(start), *header))
-                    psnr = _psnr_from_mse(trimmed.measure(list(start))[0])
-                    if target_bytes is None or psnr >= floor:
-                        landings.append((psnr if target_bytes is not None else -size, trimmed, list(start)))
-            if landings:
-                _, quantizer, found = max(landings, key=lambda c: c[0])
+        if not landed and cfg.coded_scales:  # the steps are too coarse a knob here
+            quantizer, found = _land(quantizer, found, beyond, header, target_bytes, target_psnr)
         if found is None:
             raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
         reached = _psnr_from_mse(quantizer.measure(found)[0])
