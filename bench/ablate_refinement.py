@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,14 @@ def main() -> None:
             for mine, decoded in zip(trainer.model.parameters(), model.parameters()):
                 mine.copy_(decoded)
         exponents = [code.exponent for code in header.codes]
+        started = time.perf_counter()
         refined = encoder._refine(encoder._Quantizer(trainer), exponents)
+        seconds = time.perf_counter() - started
         new = encoder._bitstream(refined, exponents, header.width, header.height, header.config)
         before, after = (n2l.psnr(n2l.decode(b, device="cpu", backend="torch"), img) for b in (buf, new))
         rows.append((int(quality), len(buf), before, len(new), after))
-        print(f"{image} q{quality}: {len(buf)} B {before:.2f} dB -> {len(new)} B {after:.2f} dB", flush=True)
+        print(f"{image} q{quality}: {len(buf)} B {before:.2f} dB -> {len(new)} B {after:.2f} dB ({seconds:.1f} s)",
+              flush=True)
     pixels = header.width * header.height
     qualities = sorted({r[0] for r in rows})
     curves = [([np.mean([8 * r[i] / pixels for r in rows if r[0] == q]) for q in qualities],

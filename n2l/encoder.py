@@ -94,6 +94,14 @@ class TrainingConfig:
     init_log2_step: float = -8.0
 
 
+def laplace_bin_bits(d: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """Bits of integers at distance d from the mean of a Laplace of scale b, unit bins."""
+    lo = d - 0.5
+    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / torch.as_tensor(b)))
+    centre = torch.log((1 - 0.5 * (torch.exp(-(d + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
+    return -torch.where(lo >= 0, tail, centre) / math.log(2)
+
+
 def laplace_bits(v: torch.Tensor) -> torch.Tensor:
     """Bits to code values v (in units of their step) under a zero-mean Laplace with unit bins.
 
@@ -104,11 +112,7 @@ def laplace_bits(v: torch.Tensor) -> torch.Tensor:
     bias pushes latents toward sparsity, and removing it lost RD (bench/RESULTS.md 7d).
     """
     a = v.abs()
-    b = a.mean().clamp_min(1e-3)
-    lo = a - 0.5
-    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / b))  # |v| >= 1/2
-    centre = torch.log((1 - 0.5 * (torch.exp(-(a + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
-    return -torch.where(lo >= 0, tail, centre).sum() / math.log(2)
+    return laplace_bin_bits(a, a.mean().clamp_min(1e-3)).sum()
 
 
 @functools.cache
@@ -276,14 +280,6 @@ class _Quantizer:
         return [q for q, _, _ in entries], [code for _, code, _ in entries]
 
 
-def _laplace_info(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Bits of integers x under Laplace(mean, scale) distributions discretized to unit bins."""
-    d = np.abs(x - mean)
-    tail = math.log(0.5) - np.maximum(d - 0.5, 0) / scale + np.log1p(-np.exp(-1 / scale))
-    centre = np.log(np.maximum(1 - 0.5 * (np.exp(-(0.5 - np.minimum(d, 0.5)) / scale) + np.exp(-(d + 0.5) / scale)), 1e-300))
-    return -np.where(d >= 0.5, tail, centre) / math.log(2)
-
-
 class _Refinement:
     """Per-value rate-distortion refinement of the transmitted latents' integers (RDOQ).
 
@@ -324,12 +320,12 @@ class _Refinement:
             boxes.append(self._footprints(t.model.config, name, q.shape, t.target.shape[-2:]))
             g = g.detach().cpu().double().numpy().ravel()
             c = c.detach().cpu().double().numpy().ravel()
-            q, mean, scale = q.ravel(), mean.ravel(), scale.ravel()
-            bits = _laplace_info(q, mean, scale)
+            q, mean, scale = (torch.from_numpy(a.ravel()).double() for a in (q, mean, scale))
+            bits = laplace_bin_bits((q - mean).abs(), scale)
             step = 2.0**-e
             d_mse.append(np.stack([(g * d * step + c * step**2) / out.numel() for d in (-1, 1)]))
-            d_bits.append(np.stack([_laplace_info(q + d, mean, scale) - bits for d in (-1, 1)]))
-            where.append(np.stack([np.full(q.size, k), np.arange(q.size)]))
+            d_bits.append(np.stack([(laplace_bin_bits((q + d - mean).abs(), scale) - bits).numpy() for d in (-1, 1)]))
+            where.append(np.stack([np.full(q.numel(), k), np.arange(q.numel())]))
         self.boxes = np.concatenate(boxes, axis=1) if boxes else np.zeros((4, 0), np.int64)
         self.where = np.concatenate(where, axis=1) if where else np.zeros((2, 0), np.int64)
         self.d_mse = np.concatenate(d_mse, axis=1) if d_mse else np.zeros((2, 0))

@@ -59,7 +59,7 @@ def test_odd_sizes_and_grayscale(shape):
 def test_input_types_give_the_same_pixels(crop64, tmp_path):
     path = tmp_path / "crop.png"
     Image.fromarray(crop64).save(path)
-    tensor = to_tensor(crop64)
+    tensor = to_tensor(crop64)[0]  # [C, H, W]
     for source in (str(path), path, Image.fromarray(crop64), tensor):
         assert np.array_equal(n2l.load_image(source), crop64)
 
@@ -172,3 +172,14 @@ def test_refinement_lowers_the_rd_cost(hybrid_quantizer):
     from n2l.encoder import _refine
     quantizer, exponents, _ = hybrid_quantizer
     assert _refine(quantizer, exponents).cost(exponents) < quantizer.cost(exponents)
+
+
+def test_psnr_targets_start_at_a_level_that_reaches_them():
+    """A hybrid network that generates its full-resolution latent saturates in PSNR, so a
+    target above its level's typical PSNR must start at a level that transmits that latent."""
+    from n2l.encoder import HYBRID_CONFIGS, TYPICAL_HYBRID_PSNR, _quality_for_target
+    for target in (20.0, 29.0, 32.0, 36.0, 99.0):
+        q = _quality_for_target("hybrid", 256 * 256, None, target)
+        assert TYPICAL_HYBRID_PSNR[q] >= target or q == 8
+        assert q == 0 or TYPICAL_HYBRID_PSNR[q - 1] < target
+    assert HYBRID_CONFIGS[_quality_for_target("hybrid", 256 * 256, None, 32.0)].coded_scales == 7
