@@ -717,6 +717,7 @@ def encode(
     if control is None:
         exponents = quantizer.search(exponents, passes=1, reach=1)
         if cfg.coded_scales:
+            bar.set_description("n2l refine")
             quantizer = _refine(quantizer, exponents)
     else:
         # Missing the band means the last steps of training moved the size: fine-tune a little
