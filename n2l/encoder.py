@@ -580,16 +580,17 @@ def _land(quantizer: _Quantizer, found: list[int] | None, beyond: list[int] | No
     return trimmed, exponents
 
 
-def _refine(quantizer: _Quantizer, exponents: list[int], rounds: int = 8) -> _Quantizer:
-    """RDOQ at the encode's lambda: apply the independent latent moves whose estimated
+def _refine(quantizer: _Quantizer, exponents: list[int], keep=None, rounds: int = 8) -> _Quantizer:
+    """RDOQ at the quantizer's lambda: apply the independent latent moves whose estimated
     MSE + lambda * bpp change is negative (or the better half of them) while that lowers the
-    measured cost, re-estimating each round."""
+    measured cost (and `keep`, if given, accepts the result), re-estimating each round."""
     best = quantizer
     for _ in range(rounds):
         moves = _Refinement(best, exponents)
         values, directions = moves.ranked("rd", best.lmbda / best.t.pixels)
         candidates = (moves.apply(values[:n], directions[:n]) for n in (len(values), len(values) // 2) if n)
-        better = next((c for c in candidates if c.cost(exponents) < best.cost(exponents)), None)
+        better = next((c for c in candidates if c.cost(exponents) < best.cost(exponents) and (keep is None or keep(c))),
+                      None)
         if better is None:
             break
         best = better
@@ -735,6 +736,14 @@ def encode(
             quantizer, found = _land(quantizer, found, beyond, header, target_bytes, target_psnr)
         if found is None:
             raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
+
+        def in_band(q: _Quantizer) -> bool:
+            if target_bytes is not None:
+                return 0.97 * target_bytes <= len(_bitstream(q, found, *header)) <= target_bytes
+            return target_psnr <= _psnr_from_mse(q.measure(found)[0]) <= target_psnr + 0.1
+
+        if cfg.coded_scales and in_band(quantizer):  # RD refinement that stays in the band
+            quantizer = _refine(quantizer, found, keep=in_band)
         reached = _psnr_from_mse(quantizer.measure(found)[0])
         if target_psnr is not None and reached < target_psnr:
             warnings.warn(f"target PSNR {target_psnr} dB not reached (best {reached:.2f} dB): "

@@ -168,10 +168,11 @@ def test_latent_refinement_lands_between_the_steps(crop64, hybrid_quantizer, kin
 
 def test_refinement_lowers_the_rd_cost(hybrid_quantizer):
     """RDOQ of the latents at the encode's lambda: the refined network costs less than the
-    plain rounding (this short training leaves moves that pay)."""
+    plain rounding (this short training leaves moves that pay); nothing `keep` refuses is kept."""
     from n2l.encoder import _refine
     quantizer, exponents, _ = hybrid_quantizer
     assert _refine(quantizer, exponents).cost(exponents) < quantizer.cost(exponents)
+    assert _refine(quantizer, exponents, keep=lambda q: False) is quantizer  # rate control's band
 
 
 def test_psnr_targets_start_at_a_level_that_reaches_them():
