@@ -78,6 +78,8 @@ HYBRID_CONFIGS = (
 MODES = ("pure", "hybrid")
 DEFAULT_ITERATIONS = {"pure": 2000, "hybrid": 4000}  # hybrid converges later (bench/RESULTS.md 5)
 RATE_CONTROL_RETRIES = 2  # short controlled fine-tunes when the step search misses the target band
+SIZE_BAND = 0.97  # a size target lands in [SIZE_BAND, 1] x target_bytes ...
+PSNR_BAND_DB = 0.1  # ... a PSNR target in [target_psnr, target_psnr + PSNR_BAND_DB]
 
 
 @dataclass(frozen=True)
@@ -292,13 +294,14 @@ class _Refinement:
     """
 
     def __init__(self, quantizer: _Quantizer, exponents: list[int], probes: int = 16):
-        self.quantizer, self.exponents = quantizer, exponents
+        self.quantizer = quantizer
         t = quantizer.t
         params = {}
         for (name, p), e in zip(quantizer.float_params.items(), exponents):
             q = quantizer.tensor(name, e)[0]
             params[name] = dequantize(q, e, p.shape).to(p.device).requires_grad_(name.startswith("coded."))
         self.names = [n for n in params if n.startswith("coded.")]
+        self.exponent = dict(zip(params, exponents))
         leaves = [params[n] for n in self.names]
         out = functional_call(t.model, params, (t.noise,)).clamp(0, 1)
         grads = torch.autograd.grad(((out - t.target) ** 2).sum(), leaves, retain_graph=True)
@@ -311,7 +314,7 @@ class _Refinement:
         # Per value: which tensor, where, and for the moves down (-1) and up (+1) dMSE and dbits.
         where, d_mse, d_bits, boxes = [], [], [], []
         for k, (name, g, c) in enumerate(zip(self.names, grads, curvature)):
-            e = exponents[list(params).index(name)]
+            e = self.exponent[name]
             q, code, _ = quantizer.tensor(name, e)
             mask = np.broadcast_to(anchor_mask(*q.shape[1:]), q.shape)
             mean, scale = np.zeros(q.shape), np.full(q.shape, max(code.scale, 2.0**-8))
@@ -378,20 +381,18 @@ class _Refinement:
         """A quantizer of the same network whose latents carry these moves."""
         quantizer = self.quantizer
         float_params = dict(quantizer.float_params)
-        names = list(float_params)
-        ints = {}
+        changed = set()
         for k in np.unique(self.where[0, values]):
             name = self.names[k]
-            e = self.exponents[names.index(name)]
+            changed.add(name)
+            e = self.exponent[name]
             picked = self.where[0, values] == k
             q = quantizer.tensor(name, e)[0].copy()
             q.ravel()[self.where[1, values[picked]]] += directions[picked]
-            ints[name] = q
-            shape = float_params[name].shape
-            float_params[name] = dequantize(q, e, shape).to(float_params[name].device)
+            float_params[name] = dequantize(q, e, float_params[name].shape).to(float_params[name].device)
         refined = _Quantizer(quantizer.t, float_params)
         refined.lmbda = quantizer.lmbda
-        refined.cache = {key: entry for key, entry in quantizer.cache.items() if key[0] not in ints}
+        refined.cache = {key: entry for key, entry in quantizer.cache.items() if key[0] not in changed}
         return refined
 
 
@@ -472,8 +473,8 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], header: tuple, ta
 
     Size: the largest stream not above target_bytes, stopping within 3% under it.
     PSNR: the smallest stream with PSNR >= target_psnr, stopping within 0.1 dB above it.
-    Returns (exponents, landed in that band, above): exponents is None when no stream meets
-    the target (for a PSNR: the highest PSNR seen instead, with landed False); `above` is the
+    Returns (exponents, landed in that band, beyond): exponents is None when no stream meets
+    the target (for a PSNR: the highest PSNR seen instead, with landed False); `beyond` is the
     nearest assignment on the far side of the band (the smallest stream over a size target,
     or the found one when its PSNR is above the band), for `_trim`, or None.
     """
@@ -494,19 +495,27 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], header: tuple, ta
                 best = (size, exps)
             if not ok and (over is None or size < over[0]):
                 over = (size, exps)
-            if ok and size >= 0.97 * target_bytes:
+            if ok and size >= SIZE_BAND * target_bytes:
                 return exps, True, None
             lo, hi = (lo, mid) if ok else (mid, hi)  # room left: lower lambda, more bits
         else:
             ok = psnr >= target_psnr
             if ok and (best is None or size < best[0]):
                 best = (size, exps)
-            if ok and psnr <= target_psnr + 0.1:
+            if ok and psnr <= target_psnr + PSNR_BAND_DB:
                 return exps, True, None
             lo, hi = (mid, hi) if ok else (lo, mid)  # quality to spare: higher lambda, fewer bits
     if target_bytes is not None:
         return (best[1] if best else None), False, (over[1] if over else None)
     return (best[1] if best else closest[1]), False, (best[1] if best else None)
+
+
+def _in_band(quantizer: _Quantizer, exponents: list[int], header: tuple, target_bytes: int | None,
+             target_psnr: float | None) -> bool:
+    """Whether the stream lands in the target band (SIZE_BAND, PSNR_BAND_DB)."""
+    if target_bytes is not None:
+        return SIZE_BAND * target_bytes <= len(_bitstream(quantizer, exponents, *header)) <= target_bytes
+    return target_psnr <= _psnr_from_mse(quantizer.measure(exponents)[0]) <= target_psnr + PSNR_BAND_DB
 
 
 def _apply_prefix(moves: _Refinement, values: np.ndarray, directions: np.ndarray, n: int) -> _Quantizer:
@@ -552,9 +561,7 @@ def _trim(quantizer: _Quantizer, exponents: list[int], header: tuple, target_byt
             lo, hi = (lo, mid) if beyond(applied(mid)) else (mid + 1, hi)
         current = applied(lo - 1 if keep_last else lo)
         break
-    if target_bytes is not None:
-        return current if 0.97 * target_bytes <= size(current) <= target_bytes else None
-    return current if target_psnr <= psnr(current) <= target_psnr + 0.1 else None
+    return current if _in_band(current, exponents, header, target_bytes, target_psnr) else None
 
 
 def _land(quantizer: _Quantizer, found: list[int] | None, beyond: list[int] | None, header: tuple,
@@ -736,12 +743,8 @@ def encode(
             quantizer, found = _land(quantizer, found, beyond, header, target_bytes, target_psnr)
         if found is None:
             raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
-
-        def in_band(q: _Quantizer) -> bool:
-            if target_bytes is not None:
-                return 0.97 * target_bytes <= len(_bitstream(q, found, *header)) <= target_bytes
-            return target_psnr <= _psnr_from_mse(q.measure(found)[0]) <= target_psnr + 0.1
-
+        in_band = functools.partial(_in_band, exponents=found, header=header, target_bytes=target_bytes,
+                                    target_psnr=target_psnr)
         if cfg.coded_scales and in_band(quantizer):  # RD refinement that stays in the band
             quantizer = _refine(quantizer, found, keep=in_band)
         reached = _psnr_from_mse(quantizer.measure(found)[0])
