@@ -104,17 +104,21 @@ def laplace_bin_bits(d: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
     return -torch.where(lo >= 0, tail, centre) / math.log(2)
 
 
-def laplace_bits(v: torch.Tensor) -> torch.Tensor:
-    """Bits to code values v (in units of their step) under a zero-mean Laplace with unit bins.
+def laplace_bits(*tensors: torch.Tensor) -> torch.Tensor:
+    """Bits to code values (in units of their step) under a zero-mean Laplace with unit bins,
+    each tensor with its own scale; all tensors in one vectorized pass.
 
-    Each value costs -log2 P([|v| - 1/2, |v| + 1/2]) under the Laplace whose scale is the mean
-    |v| (the gradient flows through it too), so the estimate follows the real distribution
-    rather than the entropy of an ideal Laplace source. On sparse tensors it charges the rare
-    nonzero values more than the coder (which fits the scale for the fewest bits) does; that
-    bias pushes latents toward sparsity, and removing it lost RD (bench/RESULTS.md 7d).
+    Each value costs -log2 P([|v| - 1/2, |v| + 1/2]) under the Laplace whose scale is the
+    tensor's mean |v| (the gradient flows through it too), so the estimate follows the real
+    distribution rather than the entropy of an ideal Laplace source. On sparse tensors it
+    charges the rare nonzero values more than the coder (which fits the scale for the fewest
+    bits) does; that bias pushes latents toward sparsity, and removing it lost RD
+    (bench/RESULTS.md 7d).
     """
-    a = v.abs()
-    return laplace_bin_bits(a, a.mean().clamp_min(1e-3)).sum()
+    magnitudes = [t.abs().flatten() for t in tensors]
+    scales = torch.stack([m.mean() for m in magnitudes]).clamp_min(1e-3)
+    sizes = torch.tensor([m.numel() for m in magnitudes], device=scales.device)
+    return laplace_bin_bits(torch.cat(magnitudes), scales.repeat_interleave(sizes)).sum()
 
 
 @functools.cache
@@ -124,19 +128,25 @@ def _checkerboard_geometry(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(anchor_mask(h, w)), torch.from_numpy(count).float()
 
 
-def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
-    """Bits of a latent v [C, h, w] (in units of its step) under the checkerboard model of
-    n2l.weights.LatentCode: anchors zero-mean; the others predicted from their anchor
-    neighbours, with the prediction weight fitted by least squares as the coder fits it."""
+def checkerboard_residuals(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the checkerboard model of n2l.weights.LatentCode codes of a latent v [C, h, w] (in
+    units of its step), each half under its own zero-mean Laplace: the anchors, and the others
+    minus their prediction from their anchor neighbours (the prediction weight fitted by least
+    squares, as the coder fits it)."""
     h, w = v.shape[-2:]
     if h * w == 1:
-        return laplace_bits(v)
+        return (v,)
     mask, count = (t.to(v.device) for t in _checkerboard_geometry(h, w))
     padded = F.pad(torch.where(mask, v, 0.0), (1, 1, 1, 1))
     total = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
     others, pred = v[:, ~mask], (total / count)[:, ~mask]
     alpha = ((others * pred).sum() / (pred * pred).sum().clamp_min(1e-9)).clamp(0, 1).detach()
-    return laplace_bits(v[:, mask]) + laplace_bits(others - alpha * pred)
+    return v[:, mask], others - alpha * pred
+
+
+def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
+    """Bits of a latent v [C, h, w] (in units of its step) under the checkerboard model."""
+    return laplace_bits(*checkerboard_residuals(v))
 
 
 class _RateProxy:
@@ -151,10 +161,10 @@ class _RateProxy:
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         steps = torch.exp2(self.log2_steps)
-        return sum(
-            laplace_bits(p / steps[i]) if i < self.n_layer_tensors else checkerboard_bits(p[0] / steps[i])
-            for i, p in enumerate(params.values())
-        )
+        tensors = list(params.values())
+        n = self.n_layer_tensors
+        coded = [part for i, p in enumerate(tensors[n:]) for part in checkerboard_residuals(p[0] / steps[n + i])]
+        return laplace_bits(*(p / steps[i] for i, p in enumerate(tensors[:n])), *coded)
 
     def fix(self, exponents: list[int]) -> None:
         """Freeze the steps at 2^-exponents (quantization-aware phase: rate at the real steps)."""

@@ -21,6 +21,7 @@ semantics (half-pixel centres, clamped at the edges), see `upsample`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -164,28 +165,49 @@ def preset(name: str, **overrides) -> ModelConfig:
     return replace(PRESETS[name], **overrides)
 
 
+@functools.cache
+def _interpolation_matrix(size: int, factor: int, out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[out, size] matrix of 1-D bilinear upsampling by `factor` (see `upsample`): two taps per
+    row, weights exact in float32 for a power-of-two factor."""
+    with torch.inference_mode(False):  # cached: must stay usable by autograd later
+        src = ((torch.arange(out, dtype=torch.float64) + 0.5) / factor - 0.5).clamp_min(0)
+        lo = src.floor()
+        frac = src - lo
+        lo = lo.long().clamp_max(size - 1)
+        rows = torch.arange(out)
+        m = torch.zeros(out, size, dtype=torch.float64)
+        m.index_put_((rows, lo), 1 - frac, accumulate=True)
+        m.index_put_((rows, (lo + 1).clamp_max(size - 1)), frac, accumulate=True)
+        return m.to(device, dtype)
+
+
 def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
     """Bilinear upsampling of [B, C, h, w] by an integer factor, cropped to [B, C, height, width].
 
     Source coordinate of output index i: max(0, (i + 0.5) / factor - 0.5); the two taps are
     floor(src) and floor(src) + 1, both clamped to the last input index (torch's bilinear with
     align_corners=False and an explicit scale factor). With a power-of-two factor every
-    coordinate and weight is exact in float32.
+    coordinate and weight is exact in float32. Computed as two matrix products (rows, then
+    columns): separable, and several times faster to train through than F.interpolate on CPU.
     """
-    if factor > 1:
-        x = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
-    return x[..., :height, :width]
+    if factor == 1:
+        return x[..., :height, :width]
+    h, w = x.shape[-2:]
+    rows = _interpolation_matrix(h, factor, min(height, h * factor), x.device, x.dtype)
+    cols = _interpolation_matrix(w, factor, min(width, w * factor), x.device, x.dtype)
+    return rows @ x @ cols.T
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """Convolution with edge-replication padding; 1x1 layers as a matmul (much faster on CPU)."""
+    """Convolution with edge-replication padding. 1x1 layers are one 2-D matrix product with
+    the batch joined to the pixels (a view for batch 1): much faster than mkldnn for these few
+    channels on CPU, backward included."""
     k = conv.kernel_size[0]
-    if k == 1:
-        b, _, h, w = x.shape
-        out = conv.weight.flatten(1) @ x.flatten(2) + conv.bias[:, None]
-        return out.view(b, -1, h, w)
-    x = F.pad(x, (k // 2,) * 4, mode="replicate")
-    return conv(x)
+    if k > 1:
+        return conv(F.pad(x, (k // 2,) * 4, mode="replicate"))
+    b, _, h, w = x.shape
+    out = torch.addmm(conv.bias[:, None], conv.weight.flatten(1), x.transpose(0, 1).reshape(-1, b * h * w))
+    return out.view(-1, b, h, w).transpose(0, 1)
 
 
 class N2LModel(nn.Module):
