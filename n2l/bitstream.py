@@ -1,16 +1,18 @@
 """The n2l bitstream: header, seed, per-tensor coding parameters, coded weights, CRC32.
 
-Layout (little-endian; see docs/FORMAT.md):
+Layout (little-endian; varint = unsigned LEB128, 7 bits per byte, low bits first; see
+docs/FORMAT.md):
 
     magic "N2L" | version u8 | width u16 | height u16 | channels u8
     | n_scales u8 | latent_channels u8 | gpp_hidden u8 | gpp_kernel u8 | gpp_kernel_min_scale u8
     | synth_residual u8 | n_synth_hidden u8 | coded_scales u8 | synth_hidden u8 * n_synth_hidden
-    | seed u32 | per layer tensor: exponent u8, scale_code i8, max_abs u16
-    | per coded latent: exponent u8, scale_code i8, max_abs u16, pred_scale_code i8, alpha u8
-    | payload_len u32 | payload | crc32 u32 (of every byte before it)
+    | seed varint | per layer tensor: exponent u8, scale_code i8, max_abs varint
+    | per coded latent: exponent u8, scale_code i8, max_abs varint, pred_scale_code i8, alpha u8
+    | payload_len varint | payload | crc32 u32 (of every byte before it)
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Version 1 streams (no coded_scales byte, pure mode only) are still read.
+first. Older streams are still read: version 2 has fixed-width fields where version 3 has
+varints (seed and payload_len u32, max_abs u16), version 1 also lacks coded_scales (pure mode).
 
 Every field is validated before anything is allocated or decoded; any problem raises
 FormatError with a message that says what was expected and what was found.
@@ -26,15 +28,25 @@ from .model import ModelConfig
 from .weights import ALPHA_ONE, MAX_EXPONENT, SCALE_CODE_RANGE, LatentCode, TensorCode
 
 MAGIC = b"N2L"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
-_FIXED = {1: struct.Struct("<3sBHHB7B"), 2: struct.Struct("<3sBHHB8B")}  # magic .. coded_scales
-_CODE = struct.Struct("<BbH")
-_LATENT_CODE = struct.Struct("<BbHbB")
-_U32 = struct.Struct("<I")
+_FIXED_V1 = struct.Struct("<3sBHHB7B")  # magic .. n_synth_hidden
+_FIXED = struct.Struct("<3sBHHB8B")  # magic .. coded_scales
+_U8, _I8, _U16, _U32 = (struct.Struct(f) for f in ("<B", "<b", "<H", "<I"))
+MAX_VARINT_BYTES = 5  # enough for any u32
+
+
+def varint(n: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, low bits first, high bit set on all but the last."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 class FormatError(ValueError):
@@ -71,23 +83,22 @@ def tensor_shapes(config: ModelConfig, height: int, width: int) -> list[tuple[in
 
 
 def write(header: Header, payload: bytes) -> bytes:
-    """Serialize a header and its payload into a complete bitstream."""
+    """Serialize a header and its payload into a complete bitstream (current version)."""
     cfg = header.config
     out = bytearray(
-        _FIXED[VERSION].pack(
+        _FIXED.pack(
             MAGIC, VERSION, header.width, header.height, cfg.out_channels,
             cfg.n_scales, cfg.latent_channels, cfg.gpp_hidden, cfg.gpp_kernel,
             cfg.gpp_kernel_min_scale, cfg.synth_residual, len(cfg.synth_hidden), cfg.coded_scales,
         )
     )
     out += bytes(cfg.synth_hidden)
-    out += _U32.pack(header.seed)
+    out += varint(header.seed)
     for code in header.codes:
+        out += _U8.pack(code.exponent) + _I8.pack(code.scale_code) + varint(code.max_abs)
         if isinstance(code, LatentCode):
-            out += _LATENT_CODE.pack(code.exponent, code.scale_code, code.max_abs, code.pred_scale_code, code.alpha)
-        else:
-            out += _CODE.pack(code.exponent, code.scale_code, code.max_abs)
-    out += _U32.pack(len(payload)) + payload
+            out += _I8.pack(code.pred_scale_code) + _U8.pack(code.alpha)
+    out += varint(len(payload)) + payload
     out += _U32.pack(zlib.crc32(out))
     return bytes(out)
 
@@ -106,6 +117,23 @@ class _Reader:
     def unpack(self, fmt: struct.Struct, what: str) -> tuple:
         return fmt.unpack(self.take(fmt.size, what))
 
+    def one(self, fmt: struct.Struct, what: str) -> int:
+        return fmt.unpack(self.take(fmt.size, what))[0]
+
+    def varint(self, what: str, limit: int) -> int:
+        value = 0
+        for i in range(MAX_VARINT_BYTES):
+            (byte,) = self.take(1, what)
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                _check(value <= limit, f"{what} {value} out of range (at most {limit})")
+                return value
+        raise FormatError(f"{what}: varint longer than {MAX_VARINT_BYTES} bytes")
+
+    def unsigned(self, version: int, fmt: struct.Struct, what: str) -> int:
+        """A fixed-width field of versions 1-2 that version 3 writes as a varint."""
+        return self.one(fmt, what) if version < 3 else self.varint(what, 256 ** fmt.size - 1)
+
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
@@ -120,12 +148,12 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     r = _Reader(buf)
     magic = r.take(3, "magic")
     _check(magic == MAGIC, f"not an n2l bitstream: magic {magic!r}, expected {MAGIC!r}")
-    (version,) = r.unpack(struct.Struct("<B"), "version")
+    version = r.one(_U8, "version")
     _check(version in READABLE_VERSIONS,
            f"unsupported n2l format version {version} (this decoder reads {READABLE_VERSIONS})")
     r.pos = 0
     (_, _, width, height, channels, n_scales, latent_channels, gpp_hidden, gpp_kernel,
-     gpp_kernel_min_scale, synth_residual, n_hidden, *coded) = r.unpack(_FIXED[version], "header")
+     gpp_kernel_min_scale, synth_residual, n_hidden, *coded) = r.unpack(_FIXED_V1 if version == 1 else _FIXED, "header")
     coded_scales = coded[0] if coded else 0
     _check(1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE,
            f"image size {width}x{height} out of range (1..{MAX_SIDE} per side)")
@@ -145,23 +173,24 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     n_coded = sum(c * h * w for c, h, w in config.coded_shapes(height, width))
     _check(n_coded <= MAX_CODED_ELEMENTS,
            f"{n_coded} transmitted latent values exceed this decoder's limit of {MAX_CODED_ELEMENTS}")
-    (seed,) = r.unpack(_U32, "seed")
+    seed = r.unsigned(version, _U32, "seed")
     codes = []
     lo, hi = SCALE_CODE_RANGE
     n_layer_tensors = 2 * len(config.layer_shapes())
     for i in range(n_layer_tensors + config.coded_scales):
         latent = i >= n_layer_tensors
+        what = f"coding parameters of tensor {i}"
+        exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
+        max_abs = r.unsigned(version, _U16, f"tensor {i}: max_abs")
         if latent:
-            exponent, scale_code, max_abs, pred_scale_code, alpha = r.unpack(_LATENT_CODE, f"coding parameters of tensor {i}")
+            pred_scale_code, alpha = r.one(_I8, what), r.one(_U8, what)
             _check(lo <= pred_scale_code <= hi, f"tensor {i}: Laplace scale code {pred_scale_code} outside {lo}..{hi}")
             _check(alpha <= ALPHA_ONE, f"tensor {i}: prediction weight {alpha} > {ALPHA_ONE}")
-        else:
-            exponent, scale_code, max_abs = r.unpack(_CODE, f"coding parameters of tensor {i}")
         _check(exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {exponent} > {MAX_EXPONENT}")
         _check(lo <= scale_code <= hi, f"tensor {i}: Laplace scale code {scale_code} outside {lo}..{hi}")
         codes.append(LatentCode(exponent, scale_code, max_abs, pred_scale_code, alpha) if latent
                      else TensorCode(exponent, scale_code, max_abs))
-    (payload_len,) = r.unpack(_U32, "payload length")
+    payload_len = r.unsigned(version, _U32, "payload length")
     _check(payload_len % 4 == 0, f"payload length {payload_len} is not a multiple of 4")
     remaining = len(buf) - r.pos
     _check(payload_len + 4 <= remaining,
@@ -169,7 +198,7 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     _check(payload_len + 4 == remaining,
            f"{remaining - payload_len - 4} unexpected bytes after the end of the bitstream")
     payload = r.take(payload_len, "payload")
-    (crc,) = r.unpack(_U32, "CRC32")
+    crc = r.one(_U32, "CRC32")
     actual = zlib.crc32(buf[: r.pos - 4])
     _check(crc == actual, f"checksum mismatch (stored {crc:08x}, computed {actual:08x}): corrupted bitstream")
     header = Header(width, height, config, seed, tuple(codes), n_bytes=len(buf))
