@@ -181,18 +181,24 @@ def _interpolation_matrix(size: int, factor: int, out: int, device: torch.device
         return m.to(device, dtype)
 
 
+MATRIX_UPSAMPLE_MAX_INPUT = 128 * 128  # larger inputs: the dense matrices would cost too much
+
+
 def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
     """Bilinear upsampling of [B, C, h, w] by an integer factor, cropped to [B, C, height, width].
 
     Source coordinate of output index i: max(0, (i + 0.5) / factor - 0.5); the two taps are
     floor(src) and floor(src) + 1, both clamped to the last input index (torch's bilinear with
     align_corners=False and an explicit scale factor). With a power-of-two factor every
-    coordinate and weight is exact in float32. Computed as two matrix products (rows, then
-    columns): separable, and several times faster to train through than F.interpolate on CPU.
+    coordinate and weight is exact in float32. Small inputs (the coarse latents) go through two
+    matrix products, rows then columns: several times faster to train through than
+    F.interpolate on CPU, and the same function up to float rounding.
     """
+    h, w = x.shape[-2:]
     if factor == 1:
         return x[..., :height, :width]
-    h, w = x.shape[-2:]
+    if h * w > MATRIX_UPSAMPLE_MAX_INPUT:
+        return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)[..., :height, :width]
     rows = _interpolation_matrix(h, factor, min(height, h * factor), x.device, x.dtype)
     cols = _interpolation_matrix(w, factor, min(width, w * factor), x.device, x.dtype)
     return rows @ x @ cols.T

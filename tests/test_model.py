@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from n2l import model
 from n2l.model import PRESETS, ModelConfig, N2LModel, upsample
 
 
@@ -40,11 +41,16 @@ def test_invalid_configs_are_rejected():
             ModelConfig(**bad)
 
 
-def test_upsample_follows_the_documented_formula():
-    """docs/FORMAT.md: t = max(0, (i + 0.5) / f - 0.5), taps floor(t) and +1 clamped."""
+@pytest.mark.parametrize("big", [False, True], ids=["matrices", "interpolate"])
+def test_upsample_follows_the_documented_formula(big, monkeypatch):
+    """docs/FORMAT.md: t = max(0, (i + 0.5) / f - 0.5), taps floor(t) and +1 clamped; the
+    same on both sides of the size where the matrix products give way to F.interpolate."""
+    if big:
+        monkeypatch.setattr(model, "MATRIX_UPSAMPLE_MAX_INPUT", 5 * 4 - 1)
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64)
     f, h, w = 4, 19, 13
     out = upsample(x, f, h, w)
+    assert out.shape == (1, 2, 19, 13)
 
     def taps(n, i):
         t = max(0.0, (i + 0.5) / f - 0.5)
