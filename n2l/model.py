@@ -165,7 +165,7 @@ def preset(name: str, **overrides) -> ModelConfig:
     return replace(PRESETS[name], **overrides)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # a few sizes per image; bounded for long-lived processes
 def _interpolation_matrix(size: int, factor: int, out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[out, size] matrix of 1-D bilinear upsampling by `factor` (see `upsample`): two taps per
     row, weights exact in float32 for a power-of-two factor."""
