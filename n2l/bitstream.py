@@ -118,7 +118,7 @@ class _Reader:
         return fmt.unpack(self.take(fmt.size, what))
 
     def one(self, fmt: struct.Struct, what: str) -> int:
-        return fmt.unpack(self.take(fmt.size, what))[0]
+        return self.unpack(fmt, what)[0]
 
     def varint(self, what: str, limit: int) -> int:
         value = 0

@@ -260,6 +260,10 @@ class _Quantizer:
             self.measured[key] = float(F.mse_loss(pixels, self.t.target)), bits / self.t.pixels
         return self.measured[key]
 
+    def psnr(self, exponents: list[int]) -> float:
+        """PSNR in dB of the 8-bit output of a full assignment (memoized through `measure`)."""
+        return _psnr_from_mse(self.measure(exponents)[0])
+
     def cost(self, exponents: list[int]) -> float:
         mse, bpp = self.measure(exponents)
         return mse + self.lmbda * bpp
@@ -462,7 +466,7 @@ class _LambdaControl:
             size = len(_bitstream(quantizer, exponents, *self.header))
             factor = (size / (self.SIZE_GOAL * self.target_bytes)) ** self.GAIN
         else:
-            psnr = _psnr_from_mse(quantizer.measure(exponents)[0])
+            psnr = quantizer.psnr(exponents)
             factor = 2.0 ** (self.GAIN * (psnr - self.target_psnr - self.PSNR_MARGIN) / self.DB_PER_DOUBLING)
         self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * min(2.0, max(0.5, factor))))
 
@@ -497,7 +501,7 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], header: tuple, ta
         quantizer.lmbda = math.exp(mid)
         exps = quantizer.search(exponents, passes=2, reach=4)
         size = len(_bitstream(quantizer, exps, *header))
-        psnr = _psnr_from_mse(quantizer.measure(exps)[0])
+        psnr = quantizer.psnr(exps)
         closest = max(closest, (psnr, exps), key=lambda c: c[0])
         if target_bytes is not None:
             ok = size <= target_bytes
@@ -525,7 +529,7 @@ def _in_band(quantizer: _Quantizer, exponents: list[int], header: tuple, target_
     """Whether the stream lands in the target band (SIZE_BAND, PSNR_BAND_DB)."""
     if target_bytes is not None:
         return SIZE_BAND * target_bytes <= len(_bitstream(quantizer, exponents, *header)) <= target_bytes
-    return target_psnr <= _psnr_from_mse(quantizer.measure(exponents)[0]) <= target_psnr + PSNR_BAND_DB
+    return target_psnr <= quantizer.psnr(exponents) <= target_psnr + PSNR_BAND_DB
 
 
 def _apply_prefix(moves: _Refinement, values: np.ndarray, directions: np.ndarray, n: int) -> _Quantizer:
@@ -545,15 +549,12 @@ def _trim(quantizer: _Quantizer, exponents: list[int], header: tuple, target_byt
     def size(q: _Quantizer) -> int:
         return len(_bitstream(q, exponents, *header))
 
-    def psnr(q: _Quantizer) -> float:
-        return _psnr_from_mse(q.measure(exponents)[0])
-
     def beyond(q: _Quantizer) -> bool:  # past the band's far edge in the direction of travel
         if target_bytes is not None:
             return size(q) > target_bytes if spend else size(q) <= target_bytes
-        return psnr(q) >= target_psnr if spend else psnr(q) < target_psnr
+        return q.psnr(exponents) >= target_psnr if spend else q.psnr(exponents) < target_psnr
 
-    spend = size(quantizer) < target_bytes if target_bytes is not None else psnr(quantizer) < target_psnr
+    spend = size(quantizer) < target_bytes if target_bytes is not None else quantizer.psnr(exponents) < target_psnr
     keep_last = (target_bytes is not None) == spend  # whether the band is before the edge
     current = quantizer
     for _ in range(rounds):
@@ -579,14 +580,14 @@ def _land(quantizer: _Quantizer, found: list[int] | None, beyond: list[int] | No
     """`_trim` from the nearest streams on both sides of the band (`_rate_control`'s found
     and beyond); the best landing (for a size, never below the PSNR of the stream under the
     band), else the inputs unchanged."""
-    floor = -math.inf if found is None else _psnr_from_mse(quantizer.measure(found)[0])
+    floor = -math.inf if found is None else quantizer.psnr(found)
     landings = []
     for start in dict.fromkeys(tuple(e) for e in (found, beyond) if e is not None):
         exponents = list(start)
         trimmed = _trim(quantizer, exponents, header, target_bytes, target_psnr)
         if trimmed is None:
             continue
-        psnr = _psnr_from_mse(trimmed.measure(exponents)[0])
+        psnr = trimmed.psnr(exponents)
         if target_bytes is not None and psnr >= floor:
             landings.append((psnr, trimmed, exponents))
         elif target_bytes is None:
@@ -757,7 +758,7 @@ def encode(
                                     target_psnr=target_psnr)
         if cfg.coded_scales and in_band(quantizer):  # RD refinement that stays in the band
             quantizer = _refine(quantizer, found, keep=in_band)
-        reached = _psnr_from_mse(quantizer.measure(found)[0])
+        reached = quantizer.psnr(found)
         if target_psnr is not None and reached < target_psnr:
             warnings.warn(f"target PSNR {target_psnr} dB not reached (best {reached:.2f} dB): "
                           "use more iterations or a larger network", RuntimeWarning, stacklevel=2)
