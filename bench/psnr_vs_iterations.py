@@ -2,6 +2,7 @@
 
     python bench/psnr_vs_iterations.py [IMAGE] --crop 256 --quality 4 --iterations 500 1000 2000 4000
     python bench/psnr_vs_iterations.py --mode hybrid --iterations 2000 4000 8000
+    python bench/psnr_vs_iterations.py IMAGE --crop 0 --device cuda   # whole image, GPU encode
 
 Writes bench/results/psnr_vs_iterations[_hybrid].json; tells whether the presets stop where more
 iterations stop paying.
@@ -24,27 +25,31 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("image", nargs="?", default=str(REPO.parent / "shared/data/kodak/kodim23.png"))
-    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=256, help="center NxN crop; 0: the whole image")
     parser.add_argument("--quality", type=int, default=4)
     parser.add_argument("--iterations", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     parser.add_argument("--mode", choices=("pure", "hybrid"), default="pure")
+    parser.add_argument("--device", default="cpu", help="torch device for encoding")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     suffix = "_hybrid" if args.mode == "hybrid" else ""
     args.out = args.out or REPO / f"bench/results/psnr_vs_iterations{suffix}.json"
-    c = args.crop
-    img = center_crop(n2l.load_image(args.image), c)
+    img = n2l.load_image(args.image)
+    img = center_crop(img, args.crop) if args.crop else img
+    pixels = img.shape[0] * img.shape[1]
     rows = []
     for iterations in args.iterations:
         t = time.perf_counter()
-        buf = n2l.encode(img, quality=args.quality, mode=args.mode, iterations=iterations, verbose=False)
+        buf = n2l.encode(img, quality=args.quality, mode=args.mode, iterations=iterations, device=args.device,
+                         verbose=False)
         psnr = n2l.psnr(n2l.decode(buf, device="cpu", backend="torch"), img)
-        bpp = 8 * len(buf) / (c * c)
+        bpp = 8 * len(buf) / pixels
         rows.append({"iterations": iterations, "bpp": bpp, "psnr": psnr, "encode_s": time.perf_counter() - t,
                      "rd_cost": 10 ** (-psnr / 10) + QUALITY_LAMBDAS[args.quality] * bpp})
         print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"image": Path(args.image).name, "crop": c, "quality": args.quality,
+    args.out.write_text(json.dumps({"image": Path(args.image).name, "crop": args.crop, "device": args.device,
+                                    "height": img.shape[0], "width": img.shape[1], "quality": args.quality,
                                     "mode": args.mode, "rows": rows}, indent=1))
 
 
