@@ -51,8 +51,9 @@ def interpreted() -> bool:
 
 @triton.jit
 def _noise(seed, x, y, c, scale, EXACT_MUL: tl.constexpr):
-    """Noise samples for uint32 counter tensors (x, y, channel, scale); bit-exact to n2l.noise."""
-    w0, w1, w2, w3 = tl.philox(seed, x, y, c, scale)
+    """Noise samples for uint32 counter tensors (x, y, channel, scale); bit-exact to n2l.noise.
+    `seed` is the 32-bit seed as a signed int32 (see `_seed_arg`)."""
+    w0, w1, w2, w3 = tl.philox(seed.to(tl.uint32), x, y, c, scale)
     total = (w0 >> 16) + (w0 & 0xFFFF) + (w1 >> 16) + (w1 & 0xFFFF)
     total += (w2 >> 16) + (w2 & 0xFFFF) + (w3 >> 16) + (w3 & 0xFFFF)  # <= 8 * 65535, no overflow
     m = (total.to(tl.int32) - _NOISE_CENTER).to(tl.float32)  # exact: |m| < 2**24
@@ -108,7 +109,9 @@ def _dense(x, w_ptr, b_ptr, KIN: tl.constexpr, KOUT: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Integer arguments are not specialized (on == 1 or % 16): specializing gave the same machine
+# code (PTX compared offline) but one compile per image size and scale.
+@triton.jit(do_not_specialize=["seed", "scale", "h", "w"])
 def _noise_kernel(out_ptr, seed, scale, h, w, C: tl.constexpr, BLOCK: tl.constexpr, EXACT_MUL: tl.constexpr):
     """Noise of one scale, planar [C, h, w]; grid (cdiv(h * w, BLOCK),)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -122,7 +125,7 @@ def _noise_kernel(out_ptr, seed, scale, h, w, C: tl.constexpr, BLOCK: tl.constex
         tl.store(out_ptr + c * h * w + offs, z, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "scale", "out_off", "hs", "ws", "in_off", "h1", "w1"])
 def _gpp_kernel(
     lat_ptr,  # flat latent buffer: y_s written at out_off, y_{s+1} read at in_off
     w0_ptr,  # [K*K, CIN, GP]  layer 0, per tap and input channel a row over hidden units
@@ -195,7 +198,7 @@ def _gpp_kernel(
     tl.store(lat_ptr + out_off + ccols[:, None] * (hs * ws) + (py * ws + px)[None, :], y, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W"])
 def _synth_kernel(
     lat_ptr,  # flat latent buffer, scales 0..M-1 in order, planar [C, h_s, w_s] each
     wf_ptr,  # [M*C, WIDTHS[0]]  first 1x1 layer, one row per input channel
@@ -442,12 +445,19 @@ def scale_offsets(config, height: int, width: int) -> list[int]:
     return offsets
 
 
+def _seed_arg(seed: int) -> int:
+    """The 32-bit seed as a signed int32, so every seed launches the same compiled kernel (Triton
+    types a Python int >= 2**31 as int64); `_noise` reinterprets it as uint32."""
+    seed &= 0xFFFFFFFF
+    return seed - (1 << 32) if seed >= 1 << 31 else seed
+
+
 def noise_triton(seed: int, scale: int, channels: int, height: int, width: int, device) -> torch.Tensor:
     """Noise of one whole scale, [channels, height, width] float32 (the `_noise` device code)."""
     out = torch.empty((channels, height, width), dtype=torch.float32, device=device)
     block = 1024
     _noise_kernel[(triton.cdiv(height * width, block),)](
-        out, seed & 0xFFFFFFFF, scale, height, width, C=channels, BLOCK=block, EXACT_MUL=not interpreted()
+        out, _seed_arg(seed), scale, height, width, C=channels, BLOCK=block, EXACT_MUL=not interpreted()
     )
     return out
 
@@ -474,7 +484,7 @@ def _latent_buffer(model: N2LModel, seed: int, height: int, width: int, tiles: T
         w0, b0, wt1, b1, k = packed.gpp[s]
         grid = (triton.cdiv(ws, tiles.gpp_bw), triton.cdiv(hs, tiles.gpp_bh))
         _gpp_kernel[grid](
-            lat, w0, b0, wt1, b1, seed & 0xFFFFFFFF, s, offsets[s], hs, ws,
+            lat, w0, b0, wt1, b1, _seed_arg(seed), s, offsets[s], hs, ws,
             offsets[s + 1] if coarser else 0, h1, w1,
             C=cfg.latent_channels, CP=packed.cp, GP=packed.gp, K=k, COARSER=coarser,
             BH=tiles.gpp_bh, BW=tiles.gpp_bw, EXACT_MUL=not interpreted(), num_warps=tiles.gpp_warps,

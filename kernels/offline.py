@@ -83,7 +83,7 @@ def compile_kernels(config: ModelConfig, arch: int = 90) -> list[Compiled]:
         _compile(
             "noise",
             K._noise_kernel,
-            {"out_ptr": "*fp32", "seed": "i64", "scale": "i32", "h": "i32", "w": "i32"},
+            {"out_ptr": "*fp32", "seed": "i32", "scale": "i32", "h": "i32", "w": "i32"},
             {"C": c, "BLOCK": tiles.noise_block, "EXACT_MUL": True},
             4,
             arch,
@@ -91,7 +91,7 @@ def compile_kernels(config: ModelConfig, arch: int = 90) -> list[Compiled]:
     ]
     variants = {(config.gpp_kernel_at(s), s < config.n_scales - 1) for s in config.generated_scales}
     gpp_sig = {name: "*fp32" for name in ("lat_ptr", "w0_ptr", "b0_ptr", "w1_ptr", "b1_ptr")}
-    gpp_sig |= {"seed": "i64"} | {n: "i32" for n in ("scale", "out_off", "hs", "ws", "in_off", "h1", "w1")}
+    gpp_sig |= {"seed": "i32"} | {n: "i32" for n in ("scale", "out_off", "hs", "ws", "in_off", "h1", "w1")}
     for k, coarser in sorted(variants):
         out.append(
             _compile(

@@ -90,11 +90,11 @@ def load_model(buf: bytes, device: torch.device | str = "cpu") -> tuple[bitstrea
     except Exception as e:  # constriction rejects payloads that cannot be decoded
         raise FormatError(f"corrupted weight payload: {e}") from None
     model = N2LModel(header.config, header.height, header.width)
-    tensors = list(model.parameters())  # bitstream order
-    with torch.no_grad():
-        for t, q, code in zip(tensors, qs, header.codes):
-            t.copy_(dequantize(q, code.exponent, t.shape))
-    return header, model.to(device).eval()
+    params = list(model.parameters())  # bitstream order
+    flat = torch.cat([dequantize(q, code.exponent, p.shape).reshape(-1) for p, q, code in zip(params, qs, header.codes)])
+    # One upload (not one per tensor): the parameters become views of it.
+    torch.nn.utils.vector_to_parameters(flat.to(device), params)
+    return header, model.eval()
 
 
 def decode(
