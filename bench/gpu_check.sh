@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log everything, pri
     return $rc
 }
 
-# Python packages the machine lacks travel as wheels in .whl/ (see README "GPU checks").
+# Python packages the machine lacks travel as wheels in .whl/ (README, "Triton GPU decoder").
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
