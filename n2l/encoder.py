@@ -418,10 +418,10 @@ class _Refinement:
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # Hybrid mode: the latents carry the rate, so size targets start from the level whose typical
-# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7b),
-# interpolated geometrically between them and extrapolated above.
-TYPICAL_HYBRID_BPP = (0.29, 0.37, 0.46, 0.57, 0.88, 1.36, 2.09, 2.9, 3.9)
-TYPICAL_HYBRID_PSNR = (26.1, 26.9, 27.7, 28.5, 30.9, 33.3, 35.7, 37.5, 39.0)
+# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7g, 8000
+# iterations), interpolated between them (bpp geometrically) and extrapolated above.
+TYPICAL_HYBRID_BPP = (0.17, 0.25, 0.36, 0.52, 0.77, 1.14, 1.68, 2.35, 3.3)
+TYPICAL_HYBRID_PSNR = (24.7, 26.1, 27.4, 28.7, 31.0, 33.3, 35.5, 37.3, 38.8)
 
 
 def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
@@ -522,6 +522,18 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], header: tuple, ta
     if target_bytes is not None:
         return (best[1] if best else None), False, (over[1] if over else None)
     return (best[1] if best else closest[1]), False, (best[1] if best else None)
+
+
+def _restart(quantizer: _Quantizer, found: list[int], beyond: list[int] | None, header: tuple,
+             target_bytes: int | None) -> list[int]:
+    """The steps a controlled fine-tuning starts from: for a size target, whichever of the
+    streams on either side of the band (`_rate_control`'s found and beyond) is nearer the goal.
+    A step moves the size by up to ~40%, and the fine-tuning shrinks a stream a little over
+    the target more readily than it grows one far under it (bench/RESULTS.md 7h)."""
+    if target_bytes is None or beyond is None:
+        return found
+    goal = _LambdaControl.SIZE_GOAL * target_bytes
+    return min((found, beyond), key=lambda e: abs(math.log(len(_bitstream(quantizer, e, *header)) / goal)))
 
 
 def _in_band(quantizer: _Quantizer, exponents: list[int], header: tuple, target_bytes: int | None,
@@ -720,7 +732,8 @@ def encode(
     quantizer = _Quantizer(trainer)
     exponents = quantizer.search(_learned_exponents(trainer), passes=2, reach=4)
     if control:  # start fine-tuning at the target, not where the training lambda's search lands
-        exponents = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)[0] or exponents
+        found, _, beyond = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)
+        exponents = _restart(quantizer, found or exponents, beyond, header, target_bytes)
 
     def fine_tune(n: int) -> None:
         trainer.rate.fix(exponents)
@@ -746,7 +759,7 @@ def encode(
             found, landed, beyond = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)
             if landed or retry == RATE_CONTROL_RETRIES or n_qat < 2:
                 break
-            exponents = found or exponents
+            exponents = _restart(quantizer, found or exponents, beyond, header, target_bytes)
             bar.total += n_qat // 2
             fine_tune(n_qat // 2)
             quantizer = _Quantizer(trainer)
