@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--qualities", nargs="+", type=int, default=[0, 3])
     parser.add_argument("--variants", nargs="+", type=parse_variant, required=True)
     parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: n2l's)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/ablate_configs.json")
     args = parser.parse_args()
     rows = []
@@ -50,7 +51,7 @@ def main() -> None:
             for name, fields in [("base", {}), *args.variants]:
                 config = replace(HYBRID_CONFIGS[q], **fields)
                 t = time.perf_counter()
-                buf = n2l.encode(img, q, mode="hybrid", config=config, verbose=False)
+                buf = n2l.encode(img, q, mode="hybrid", config=config, iterations=args.iterations, verbose=False)
                 seconds = time.perf_counter() - t
                 psnr = n2l.psnr(n2l.decode(buf, device="cpu"), img)
                 bpp = 8 * len(buf) / (img.shape[0] * img.shape[1])

@@ -184,3 +184,21 @@ def test_psnr_targets_start_at_a_level_that_reaches_them():
         assert TYPICAL_HYBRID_PSNR[q] >= target or q == 8
         assert q == 0 or TYPICAL_HYBRID_PSNR[q - 1] < target
     assert HYBRID_CONFIGS[_quality_for_target("hybrid", 256 * 256, None, 32.0)].coded_scales == 7
+
+
+@pytest.mark.parametrize(
+    ("found_size", "beyond_size", "target_bytes", "start"),
+    [
+        (5000, 6100, 6000, "beyond"),  # 2% over beats 17% under: the fine-tuning shrinks it
+        (5800, 8000, 6000, "found"),  # already near the goal from below
+        (5000, None, 6000, "found"),  # nothing over the target
+        (5000, 6100, None, "found"),  # PSNR targets keep the stream that reaches them
+    ],
+)
+def test_controlled_fine_tuning_restarts_nearer_the_goal(monkeypatch, found_size, beyond_size, target_bytes, start):
+    from n2l import encoder
+
+    sizes = {"found": found_size, "beyond": beyond_size}
+    monkeypatch.setattr(encoder, "_bitstream", lambda quantizer, exponents, *header: bytes(sizes[exponents[0]]))
+    beyond = ["beyond"] if beyond_size else None
+    assert encoder._restart(None, ["found"], beyond, (), target_bytes) == [start]
