@@ -1,7 +1,7 @@
 """Architecture ablation: RD cost of network variants against the quality level's own network.
 
     python bench/ablate_configs.py --images kodim23 kodim07 --qualities 0 3 \
-        --variants res1:synth_residual=1 gpp8:gpp_hidden=8 "deep:synth_hidden=(16,16)"
+        --variants res2:synth_residual=2 gpp8:gpp_hidden=8 "deep:synth_hidden=(16,16)"
 
 For each image crop and quality, encodes (hybrid mode, default schedule, the quality's lambda)
 with the level's network from HYBRID_CONFIGS and with each variant (fields replaced), and prints
@@ -28,9 +28,9 @@ KODAK = REPO.parent / "shared/data/kodak"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """NAME:field=value,field=value (values as Python literals)."""
+    """NAME:field=value;field=value (values as Python literals, e.g. synth_hidden=(16,16))."""
     name, _, fields = text.partition(":")
-    return name, {k: ast.literal_eval(v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)}
+    return name, {k: ast.literal_eval(v) for k, v in (f.split("=", 1) for f in fields.split(";") if f)}
 
 
 def main() -> None:
@@ -50,6 +50,9 @@ def main() -> None:
             base = None
             for name, fields in [("base", {}), *args.variants]:
                 config = replace(HYBRID_CONFIGS[q], **fields)
+                if name != "base" and config == HYBRID_CONFIGS[q]:
+                    print(f"{image} q{q} {name}: same network as the level's own, skipped")
+                    continue
                 t = time.perf_counter()
                 buf = n2l.encode(img, q, mode="hybrid", config=config, iterations=args.iterations, verbose=False)
                 seconds = time.perf_counter() - t
@@ -64,8 +67,9 @@ def main() -> None:
                 print(f"{image} q{q} {name:10s} {bpp:.4f} bpp {psnr:.2f} dB J {j:.4e} ({row['J_vs_base']:+.1%}) "
                       f"{seconds:.0f} s {row['macs_per_pixel']:.0f} MAC/px", flush=True)
     for name in ["base", *(n for n, _ in args.variants)]:
-        mean = np.mean([r["J_vs_base"] for r in rows if r["variant"] == name])
-        print(f"{name:10s} mean J vs base {mean:+.2%}")
+        changes = [r["J_vs_base"] for r in rows if r["variant"] == name]
+        if changes:
+            print(f"{name:10s} mean J vs base {np.mean(changes):+.2%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
 
