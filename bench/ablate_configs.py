@@ -18,13 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from common import REPO, kodak_crop, rd_cost
 
 import n2l
 from n2l.encoder import HYBRID_CONFIGS, QUALITY_LAMBDAS
-from n2l.evaluate.runner import center_crop
-
-REPO = Path(__file__).resolve().parents[1]
-KODAK = REPO.parent / "shared/data/kodak"
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -44,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for image in args.images:
-        img = center_crop(n2l.load_image(KODAK / f"{image}.png"), args.crop)
+        img = kodak_crop(image, args.crop)
         for q in args.qualities:
             lmbda = QUALITY_LAMBDAS[q]
             base = None
@@ -58,7 +55,7 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 psnr = n2l.psnr(n2l.decode(buf, device="cpu"), img)
                 bpp = 8 * len(buf) / (img.shape[0] * img.shape[1])
-                j = 10 ** (-psnr / 10) + lmbda * bpp
+                j = rd_cost(psnr, bpp, lmbda)
                 base = j if name == "base" else base
                 row = {"image": image, "quality": q, "variant": name, "fields": {k: str(v) for k, v in fields.items()},
                        "bpp": bpp, "psnr": psnr, "J": j, "J_vs_base": j / base - 1, "encode_s": seconds,

@@ -15,16 +15,16 @@ import json
 import time
 from pathlib import Path
 
+from common import KODAK, REPO, rd_cost
+
 import n2l
 from n2l.encoder import QUALITY_LAMBDAS
 from n2l.evaluate.runner import center_crop
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", default=str(REPO.parent / "shared/data/kodak/kodim23.png"))
+    parser.add_argument("image", nargs="?", default=str(KODAK / "kodim23.png"))
     parser.add_argument("--crop", type=int, default=256, help="center NxN crop; 0: the whole image")
     parser.add_argument("--quality", type=int, default=4)
     parser.add_argument("--iterations", type=int, nargs="+", default=[500, 1000, 2000, 4000])
@@ -45,7 +45,7 @@ def main() -> None:
         psnr = n2l.psnr(n2l.decode(buf, device="cpu", backend="torch"), img)
         bpp = 8 * len(buf) / pixels
         rows.append({"iterations": iterations, "bpp": bpp, "psnr": psnr, "encode_s": time.perf_counter() - t,
-                     "rd_cost": 10 ** (-psnr / 10) + QUALITY_LAMBDAS[args.quality] * bpp})
+                     "rd_cost": rd_cost(psnr, bpp, QUALITY_LAMBDAS[args.quality])})
         print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"image": Path(args.image).name, "crop": args.crop, "device": args.device,

@@ -18,12 +18,10 @@ import re
 import time
 from pathlib import Path
 
+from common import REPO, kodak_crop
+
 import n2l
 from n2l.encoder import _quality_for_target
-from n2l.evaluate.runner import center_crop
-
-REPO = Path(__file__).resolve().parents[1]
-KODAK = REPO.parent / "shared/data/kodak"
 
 
 def parse_target(text: str) -> tuple[str, int | None, float | None]:
@@ -51,7 +49,7 @@ def main() -> None:
         targets.append((f"kodim{rng.randint(1, 24):02d}", int(bpp * args.crop**2 / 8), None))
     rows = []
     for image, target_bytes, target_psnr in targets:
-        img = center_crop(n2l.load_image(KODAK / f"{image}.png"), args.crop)
+        img = kodak_crop(image, args.crop)
         t = time.perf_counter()
         buf = n2l.encode(img, mode="hybrid", target_bytes=target_bytes, target_psnr=target_psnr, verbose=False)
         controlled_s = time.perf_counter() - t

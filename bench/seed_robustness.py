@@ -13,15 +13,15 @@ import statistics
 import time
 from pathlib import Path
 
+from common import KODAK, REPO
+
 import n2l
 from n2l.evaluate.runner import center_crop
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", default=str(REPO.parent / "shared/data/kodak/kodim23.png"))
+    parser.add_argument("image", nargs="?", default=str(KODAK / "kodim23.png"))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--quality", type=int, default=4)
