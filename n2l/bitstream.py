@@ -7,12 +7,15 @@ docs/FORMAT.md):
     | n_scales u8 | latent_channels u8 | gpp_hidden u8 | gpp_kernel u8 | gpp_kernel_min_scale u8
     | synth_residual u8 | n_synth_hidden u8 | coded_scales u8 | synth_hidden u8 * n_synth_hidden
     | seed varint | per layer tensor: exponent u8, scale_code i8, max_abs varint
-    | per coded latent: exponent u8, scale_code i8, max_abs varint, pred_scale_code i8, alpha u8
+    | per coded latent: exponent u8, max_abs varint, and unless max_abs is 0: scale_code i8 of
+      pass A, then for passes B and C: scale_code i8, slope u8, weight u8
     | payload_len varint | payload | crc32 u32 (of every byte before it)
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Older streams are still read: version 2 has fixed-width fields where version 3 has
-varints (seed and payload_len u32, max_abs u16), version 1 also lacks coded_scales (pure mode).
+first. Older streams are still read: version 3 codes latents in two checkerboard passes
+(fields per latent: exponent u8, scale_code i8, max_abs varint, pred_scale_code i8, alpha u8),
+version 2 has fixed-width fields where version 3 has varints (seed and payload_len u32, max_abs
+u16), version 1 also lacks coded_scales (pure mode).
 
 Every field is validated before anything is allocated or decoded; any problem raises
 FormatError with a message that says what was expected and what was found.
@@ -25,11 +28,11 @@ import zlib
 from dataclasses import dataclass
 
 from .model import ModelConfig
-from .weights import ALPHA_ONE, MAX_EXPONENT, SCALE_CODE_RANGE, LatentCode, TensorCode
+from .weights import MAX_EXPONENT, MAX_SLOPE, SCALE_CODE_RANGE, WEIGHT_ONE, LatentCode, PassCode, TensorCode
 
 MAGIC = b"N2L"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
@@ -95,9 +98,17 @@ def write(header: Header, payload: bytes) -> bytes:
     out += bytes(cfg.synth_hidden)
     out += varint(header.seed)
     for code in header.codes:
-        out += _U8.pack(code.exponent) + _I8.pack(code.scale_code) + varint(code.max_abs)
-        if isinstance(code, LatentCode):
-            out += _I8.pack(code.pred_scale_code) + _U8.pack(code.alpha)
+        if not isinstance(code, LatentCode):
+            out += _U8.pack(code.exponent) + _I8.pack(code.scale_code) + varint(code.max_abs)
+            continue
+        if code.max_abs and len(code.passes) != 3:
+            raise ValueError("latents coded in two checkerboard passes (format 1-3) cannot be written as version 4")
+        out += _U8.pack(code.exponent) + varint(code.max_abs)
+        if code.max_abs:
+            a, *predicted = code.passes
+            out += _I8.pack(a.scale_code)
+            for pc in predicted:
+                out += _I8.pack(pc.scale_code) + _U8.pack(pc.slope) + _U8.pack(pc.weight)
     out += varint(len(payload)) + payload
     out += _U32.pack(zlib.crc32(out))
     return bytes(out)
@@ -178,18 +189,29 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     lo, hi = SCALE_CODE_RANGE
     n_layer_tensors = 2 * len(config.layer_shapes())
     for i in range(n_layer_tensors + config.coded_scales):
-        latent = i >= n_layer_tensors
         what = f"coding parameters of tensor {i}"
-        exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
-        max_abs = r.unsigned(version, _U16, f"tensor {i}: max_abs")
-        if latent:
+        if i < n_layer_tensors:
+            exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
+            codes.append(TensorCode(exponent, scale_code, r.unsigned(version, _U16, f"tensor {i}: max_abs")))
+            passes = [PassCode(scale_code)]
+        elif version < 4:
+            exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
+            max_abs = r.unsigned(version, _U16, f"tensor {i}: max_abs")
             pred_scale_code, alpha = r.one(_I8, what), r.one(_U8, what)
-            _check(lo <= pred_scale_code <= hi, f"tensor {i}: Laplace scale code {pred_scale_code} outside {lo}..{hi}")
-            _check(alpha <= ALPHA_ONE, f"tensor {i}: prediction weight {alpha} > {ALPHA_ONE}")
+            passes = [PassCode(scale_code), PassCode(pred_scale_code, 0, alpha)]
+            codes.append(LatentCode(exponent, max_abs, tuple(passes)))
+        else:
+            exponent, max_abs = r.one(_U8, what), r.unsigned(version, _U16, f"tensor {i}: max_abs")
+            passes = [PassCode(0), PassCode(0), PassCode(0)]
+            if max_abs:
+                passes = [PassCode(r.one(_I8, what))]
+                passes += [PassCode(r.one(_I8, what), r.one(_U8, what), r.one(_U8, what)) for _ in range(2)]
+            codes.append(LatentCode(exponent, max_abs, tuple(passes)))
         _check(exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {exponent} > {MAX_EXPONENT}")
-        _check(lo <= scale_code <= hi, f"tensor {i}: Laplace scale code {scale_code} outside {lo}..{hi}")
-        codes.append(LatentCode(exponent, scale_code, max_abs, pred_scale_code, alpha) if latent
-                     else TensorCode(exponent, scale_code, max_abs))
+        for pc in passes:
+            _check(lo <= pc.scale_code <= hi, f"tensor {i}: Laplace scale code {pc.scale_code} outside {lo}..{hi}")
+            _check(pc.slope <= MAX_SLOPE, f"tensor {i}: context slope {pc.slope} > {MAX_SLOPE}")
+            _check(pc.weight <= WEIGHT_ONE, f"tensor {i}: prediction weight {pc.weight} > {WEIGHT_ONE}")
     payload_len = r.unsigned(version, _U32, "payload length")
     _check(payload_len % 4 == 0, f"payload length {payload_len} is not a multiple of 4")
     remaining = len(buf) - r.pos

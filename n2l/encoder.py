@@ -5,8 +5,9 @@ Training (loss = MSE + lambda * bits / pixels):
 2. main phase: Adam with linear warm-up and cosine decay; weights (and, in hybrid mode, the
    transmitted latents, which are parameters too) see additive uniform noise of one
    quantization step (a differentiable proxy of rounding); each tensor's rate is its
-   information content under the model the coder will use (a Laplace fitted to it; the
-   checkerboard model for latents), with a learned step per tensor;
+   information content under a Laplace fitted to it (for latents, under a checkerboard model
+   simpler than the coder's, which trains better: bench/RESULTS.md 7j), with a learned step
+   per tensor;
 3. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
    size (constriction), starting from the learned steps;
 4. quantization-aware phase: hard rounding with straight-through gradients at those steps
@@ -39,12 +40,11 @@ from .model import PRESETS, ModelConfig, N2LModel, preset
 from .weights import (
     MAX_EXPONENT,
     TensorCode,
-    anchor_mask,
-    checkerboard_halves,
     dequantize,
     encode_tensors,
     fit_code,
-    neighbour_sum_count,
+    move_bits,
+    pass_geometry,
     quantize,
     tensor_bits,
 )
@@ -123,16 +123,23 @@ def laplace_bits(*tensors: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _checkerboard_geometry(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchor mask and in-bounds neighbour count of an h x w grid (CPU; reused every step)."""
-    count = neighbour_sum_count(np.zeros((1, h, w), np.int64))[1][0].copy()
-    return torch.from_numpy(anchor_mask(h, w)), torch.from_numpy(count).float()
+    """Anchor mask ((i + j) even) and in-bounds 4-neighbour count of an h x w grid (CPU; reused
+    every step)."""
+    (anchors, _), (_, offsets) = pass_geometry(2, h, w)
+    inside = np.pad(np.ones((h, w)), 1)
+    count = sum(inside[1 + di: 1 + di + h, 1 + dj: 1 + dj + w] for di, dj in offsets)
+    return torch.from_numpy(anchors), torch.from_numpy(count).float()
 
 
 def checkerboard_residuals(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What the checkerboard model of n2l.weights.LatentCode codes of a latent v [C, h, w] (in
-    units of its step), each half under its own zero-mean Laplace: the anchors, and the others
-    minus their prediction from their anchor neighbours (the prediction weight fitted by least
-    squares, as the coder fits it)."""
+    """The training proxy's model of a latent v [C, h, w] (in units of its step), each half under
+    its own zero-mean Laplace: the anchors, and the others minus their prediction from their
+    anchor neighbours (the prediction weight fitted by least squares, as the coder fits it).
+
+    The coder (n2l.weights.LatentCode) splits the anchors in two passes, predicts the second
+    from the first and lets every scale follow the neighbours' magnitude. Charging those in
+    training too cost RD at low rate (bench/RESULTS.md 7j): its cheaper nonzero values next to
+    nonzero neighbours weaken the push toward sparse latents. So training keeps this model."""
     h, w = v.shape[-2:]
     if h * w == 1:
         return (v,)
@@ -300,7 +307,7 @@ class _Refinement:
     """Per-value rate-distortion refinement of the transmitted latents' integers (RDOQ).
 
     Every latent integer may move one step up or down. A move's bit change comes from the
-    coder's model (Laplace scales, checkerboard means), its MSE change from a second-order
+    coder's model (the value's own Laplace and those of the neighbours it predicts), its MSE change from a second-order
     estimate: the gradient and a Hutchinson estimate of the squared Jacobian column norms.
     `ranked` orders one move per value for a purpose (saving bits, spending them, or the RD
     cost at a lambda) and `apply` gives a quantizer whose latents carry a prefix of that order.
@@ -330,19 +337,13 @@ class _Refinement:
         for k, (name, g, c) in enumerate(zip(self.names, grads, curvature)):
             e = self.exponent[name]
             q, code, _ = quantizer.tensor(name, e)
-            mask = np.broadcast_to(anchor_mask(*q.shape[1:]), q.shape)
-            mean, scale = np.zeros(q.shape), np.full(q.shape, max(code.scale, 2.0**-8))
-            if code.max_abs and not mask.all():
-                mean[~mask], scale[~mask] = checkerboard_halves(q, code)[2], code.pred_scale
             boxes.append(self._footprints(t.model.config, name, q.shape, t.target.shape[-2:]))
             g = g.detach().cpu().double().numpy().ravel()
             c = c.detach().cpu().double().numpy().ravel()
-            q, mean, scale = (torch.from_numpy(a.ravel()).double() for a in (q, mean, scale))
-            bits = laplace_bin_bits((q - mean).abs(), scale)
             step = 2.0**-e
             d_mse.append(np.stack([(g * d * step + c * step**2) / out.numel() for d in (-1, 1)]))
-            d_bits.append(np.stack([(laplace_bin_bits((q + d - mean).abs(), scale) - bits).numpy() for d in (-1, 1)]))
-            where.append(np.stack([np.full(q.numel(), k), np.arange(q.numel())]))
+            d_bits.append(move_bits(q, code))
+            where.append(np.stack([np.full(q.size, k), np.arange(q.size)]))
         self.boxes = np.concatenate(boxes, axis=1) if boxes else np.zeros((4, 0), np.int64)
         self.where = np.concatenate(where, axis=1) if where else np.zeros((2, 0), np.int64)
         self.d_mse = np.concatenate(d_mse, axis=1) if d_mse else np.zeros((2, 0))
@@ -359,32 +360,37 @@ class _Refinement:
         cols = np.clip([f * (j - 1) - margin, f * (j + 2) + margin], 0, size[1])
         return np.concatenate([rows, cols])
 
-    def ranked(self, purpose: str, lmbda: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    def ranked(self, purpose: str, lmbda: float = 0.0, per_scale: bool = True,
+               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(values, directions) of useful moves with disjoint footprints, best first.
 
         Moves whose output footprints do not overlap add up (their estimates are independent);
-        those that overlap a better one wait for the next round. "save": moves that save bits,
-        by MSE added per bit saved; "spend": moves that lower the MSE, by MSE removed per bit
-        spent (free ones first); "rd": moves that lower MSE + lambda * bits (lambda per bit:
-        the encode's lambda / pixels), by that change.
+        those that overlap a better one wait for the next round. With `per_scale`, only moves
+        of the same scale must be disjoint: more moves per round, but their sum is less exact.
+        Values in `exclude` do not move.
+        "save": moves that save bits, by MSE added per bit saved; "spend": moves that spend
+        bits and lower the MSE, by MSE removed per bit spent; "rd": moves that lower MSE +
+        lambda * bits (lambda per bit: the encode's lambda / pixels), by that change.
         """
         d_mse, d_bits = self.d_mse, self.d_bits
         with np.errstate(divide="ignore", invalid="ignore"):
             if purpose == "save":
                 key = np.where(d_bits < 0, d_mse / -d_bits, np.inf)
             elif purpose == "spend":
-                key = np.where(d_mse < 0, np.where(d_bits > 0, d_mse / d_bits, -np.inf), np.inf)
+                key = np.where((d_mse < 0) & (d_bits > 0), d_mse / d_bits, np.inf)
             else:
                 key = d_mse + lmbda * d_bits
                 key = np.where(key < 0, key, np.inf)
         choice = np.argmin(key, axis=0)
         best = key[choice, np.arange(key.shape[1])]
         values = np.flatnonzero(best < np.inf)
+        if exclude is not None:
+            values = values[~np.isin(values, exclude)]
         values = values[np.argsort(best[values], kind="stable")]
-        claimed = np.zeros((len(self.names), *self.quantizer.t.target.shape[-2:]), bool)  # per scale
+        claimed = np.zeros((len(self.names) if per_scale else 1, *self.quantizer.t.target.shape[-2:]), bool)
         keep = []
         for v in values:
-            k, (r0, r1, c0, c1) = self.where[0, v], self.boxes[:, v]
+            k, (r0, r1, c0, c1) = self.where[0, v] if per_scale else 0, self.boxes[:, v]
             if not claimed[k, r0:r1, c0:c1].any():
                 claimed[k, r0:r1, c0:c1] = True
                 keep.append(v)
@@ -568,10 +574,10 @@ def _trim(quantizer: _Quantizer, exponents: list[int], header: tuple, target_byt
 
     spend = size(quantizer) < target_bytes if target_bytes is not None else quantizer.psnr(exponents) < target_psnr
     keep_last = (target_bytes is not None) == spend  # whether the band is before the edge
-    current = quantizer
+    current, jumped = quantizer, np.zeros(0, np.int64)
     for _ in range(rounds):
         moves = _Refinement(current, exponents)
-        values, directions = moves.ranked("spend" if spend else "save")
+        values, directions = moves.ranked("spend" if spend else "save", per_scale=False, exclude=jumped)
         if not len(values):
             return None
         applied = functools.lru_cache(maxsize=None)(functools.partial(_apply_prefix, moves, values, directions))
@@ -582,9 +588,12 @@ def _trim(quantizer: _Quantizer, exponents: list[int], header: tuple, target_byt
         while lo < hi:  # the first n that is beyond
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if beyond(applied(mid)) else (mid + 1, hi)
-        current = applied(lo - 1 if keep_last else lo)
-        break
-    return current if _in_band(current, exponents, header, target_bytes, target_psnr) else None
+        landed = applied(lo - 1 if keep_last else lo)
+        if _in_band(landed, exponents, header, target_bytes, target_psnr):
+            return landed
+        # One move jumped over the whole band (a coarse value moves the PSNR a lot): go on without it.
+        current, jumped = applied(lo - 1), np.append(jumped, values[lo - 1])
+    return None
 
 
 def _land(quantizer: _Quantizer, found: list[int] | None, beyond: list[int] | None, header: tuple,

@@ -2,12 +2,12 @@
 
 Each tensor (one per layer weight, one per layer bias, one per transmitted latent scale) is
 quantized with its own power-of-two step 2^-exponent to integers q, and coded with
-constriction's ANS coder under a quantized Laplace on [-max_abs, max_abs] whose scale
-2^(scale_code / 8) is signalled. Weights use a zero-mean model. Latents [C, h, w] are coded in
-two parallel halves of a checkerboard (a `LatentCode`): the anchors ((i + j) even) with a
-zero-mean model, then the others with a mean predicted from their four anchor neighbours.
-The prediction uses integer arithmetic and one correctly rounded division, so encoder and
-decoder compute identical probabilities on any machine.
+constriction's ANS coder under quantized Laplace models on [-max_abs, max_abs]. Weights use
+one zero-mean Laplace of signalled scale 2^(scale_code / 8). Latents [C, h, w] are coded in
+three parallel passes over interleaved subgrids (a `LatentCode`): each value's mean is
+predicted from its neighbours decoded in earlier passes and its scale grows with their
+magnitude (a context level). Predictions and levels use integer arithmetic and one correctly
+rounded division, so encoder and decoder compute identical probabilities on any machine.
 """
 
 from __future__ import annotations
@@ -38,19 +38,35 @@ class TensorCode:
 
 
 @dataclass(frozen=True)
-class LatentCode(TensorCode):
-    """A transmitted latent: `scale_code` is the anchors' Laplace scale; the other half has mean
-    alpha / 16 x (mean of its anchor neighbours) and scale 2^(pred_scale_code / 8)."""
+class PassCode:
+    """The model of one pass over a latent: each value is Laplace distributed with mean
+    weight / 16 x (mean of its already decoded neighbours) and scale 2^(code / 8), where
+    code = scale_code + slope x (context level of those neighbours), see `context_levels`."""
 
-    pred_scale_code: int = 0
-    alpha: int = 0  # 0..ALPHA_ONE
-
-    @property
-    def pred_scale(self) -> float:
-        return 2.0 ** (self.pred_scale_code / 8)
+    scale_code: int
+    slope: int = 0  # 0..MAX_SLOPE
+    weight: int = 0  # 0..WEIGHT_ONE
 
 
-ALPHA_ONE = 16
+@dataclass(frozen=True)
+class LatentCode:
+    """A transmitted latent [C, h, w], coded in passes over interleaved subgrids.
+
+    Three passes (format 4): A = (even row, even column), zero mean, one scale; B = (odd, odd),
+    predicted from its 4 diagonal A neighbours; C = the other half, predicted from its 4 direct
+    neighbours (all in A or B). Two passes (formats 1-3, read only): the checkerboard anchors
+    (A and B together) with a zero mean, then C; no context levels (slope 0)."""
+
+    exponent: int  # step = 2 ** -exponent
+    max_abs: int  # symbols lie in [-max_abs, max_abs]; 0: all zero, nothing coded
+    passes: tuple[PassCode, ...]
+
+
+WEIGHT_ONE = 16
+MAX_SLOPE = 32
+CONTEXT_LEVELS = 8  # context level = bit length of the neighbours' sum |q|, capped at 7
+_CROSS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_DIAGONAL = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
 def quantize(w: torch.Tensor, exponent: int) -> np.ndarray:
@@ -68,65 +84,123 @@ def _laplace(code: TensorCode):
     return constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs, 0.0, code.scale)
 
 
-def _encode_others(coder, others: np.ndarray, means: np.ndarray, max_abs: int, scale: float) -> None:
-    """Push the predicted half of a latent: per-symbol means, one Laplace scale."""
-    family = constriction.stream.model.QuantizedLaplace(-max_abs, max_abs)
-    coder.encode_reverse(others.astype(np.int32), family, means, np.full(others.size, scale))
+def pass_geometry(n_passes: int, height: int, width: int) -> list[tuple[np.ndarray, tuple]]:
+    """(mask [h, w], neighbour offsets) of each pass of a latent coded in `n_passes` passes.
+
+    Every neighbour of a pass's value belongs to an earlier pass, so a decoder knows them."""
+    i, j = np.arange(height)[:, None] % 2, np.arange(width)[None] % 2
+    cross = (i + j) % 2 == 1
+    if n_passes == 2:
+        return [(~cross, ()), (cross, _CROSS)]
+    return [((i == 0) & (j == 0), ()), ((i == 1) & (j == 1), _DIAGONAL), (cross, _CROSS)]
 
 
-def anchor_mask(height: int, width: int) -> np.ndarray:
-    """True on the checkerboard anchors ((i + j) even) of an h x w grid."""
-    return (np.add.outer(np.arange(height), np.arange(width)) % 2) == 0
-
-
-def neighbour_sum_count(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum and count of the in-bounds 4-neighbours of every element of q [C, h, w] (int64)."""
+def _neighbour_sums(q: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum, sum of |.| and in-bounds count of the neighbours at `offsets` of every element of
+    q [C, h, w] (int64)."""
     q = q.astype(np.int64)
+    _, h, w = q.shape
     padded = np.pad(q, ((0, 0), (1, 1), (1, 1)))
-    ones = np.pad(np.ones(q.shape[1:], np.int64), 1)
-    total = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
-    count = ones[:-2, 1:-1] + ones[2:, 1:-1] + ones[1:-1, :-2] + ones[1:-1, 2:]
-    return total, np.broadcast_to(count, q.shape)
+    inside = np.pad(np.ones((h, w), np.int64), 1)
+    total, magnitude, count = np.zeros_like(q), np.zeros_like(q), np.zeros((h, w), np.int64)
+    for di, dj in offsets:
+        window = padded[:, 1 + di: 1 + di + h, 1 + dj: 1 + dj + w]
+        total += window
+        magnitude += np.abs(window)
+        count += inside[1 + di: 1 + di + h, 1 + dj: 1 + dj + w]
+    return total, magnitude, np.broadcast_to(count, q.shape)
 
 
-def checkerboard_halves(q: np.ndarray, code: LatentCode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(anchors, others, means of the others) of a latent [C, h, w], flattened."""
-    mask = np.broadcast_to(anchor_mask(*q.shape[1:]), q.shape)
-    total, count = neighbour_sum_count(np.where(mask, q, 0))
+def context_levels(magnitude: np.ndarray) -> np.ndarray:
+    """Context level of a neighbourhood from its sum of |q|: 0 for 0, else the bit length
+    (1 for 1, 2 for 2-3, 3 for 4-7, ...), capped at CONTEXT_LEVELS - 1. Exact (frexp)."""
+    return np.minimum(np.frexp(magnitude.astype(np.float64))[1], CONTEXT_LEVELS - 1)
+
+
+def _pass_context(q: np.ndarray, mask: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(neighbour sum, context level, in-bounds neighbour count) of the values of q [C, h, w]
+    under mask [C, h, w], flattened; zeros for a pass without neighbours."""
+    if not offsets:
+        zeros = np.zeros(int(mask.sum()), np.int64)
+        return zeros, zeros, zeros
+    total, magnitude, count = _neighbour_sums(q, offsets)
+    return total[mask], context_levels(magnitude[mask]), count[mask]
+
+
+def pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per pass of a latent q [C, h, w]: (mask [C, h, w], neighbour sum, context level,
+    neighbour count) of its values, flattened. Only earlier passes' values are read."""
+    out = []
+    for mask, offsets in pass_geometry(n_passes, *q.shape[1:]):
+        mask = np.broadcast_to(mask, q.shape)
+        out.append((mask, *_pass_context(q, mask, offsets)))
+    return out
+
+
+def _pass_means_scales(pc: PassCode, total: np.ndarray, level: np.ndarray, count: np.ndarray):
     # Integer numerator and denominator, one correctly rounded division: identical everywhere.
-    means = (code.alpha * total[~mask]).astype(np.float64) / (ALPHA_ONE * count[~mask]).astype(np.float64)
-    return q[mask], q[~mask], means
+    means = (pc.weight * total).astype(np.float64) / np.maximum(WEIGHT_ONE * count, 1).astype(np.float64)
+    lo, hi = SCALE_CODE_RANGE
+    scales = np.exp2(np.clip(pc.scale_code + pc.slope * level, lo, hi) / 8.0)
+    return means, scales
 
 
-def _encode(coder, q: np.ndarray, code: TensorCode) -> None:
+def latent_context(q: np.ndarray, n_passes: int) -> tuple[np.ndarray, ...]:
+    """Per value of a latent q [C, h, w]: (pass, neighbour sum, sum of |neighbours|, neighbour
+    count), each [C, h, w] (int64); the last three are 0 in passes without neighbours."""
+    fields = [np.zeros(q.shape, np.int64) for _ in range(4)]
+    for p, (mask, offsets) in enumerate(pass_geometry(n_passes, *q.shape[1:])):
+        mask = np.broadcast_to(mask, q.shape)
+        fields[0][mask] = p
+        if offsets:
+            for field, value in zip(fields[1:], _neighbour_sums(q, offsets)):
+                field[mask] = value[mask]
+    return tuple(fields)
+
+
+def laplace_params(code: LatentCode, passes: np.ndarray, total: np.ndarray, magnitude: np.ndarray,
+                   count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-value Laplace (mean, scale) of a latent's values from their `latent_context` fields."""
+    mean, scale = np.zeros(passes.shape), np.ones(passes.shape)
+    for p, pc in enumerate(code.passes):
+        at = passes == p
+        mean[at], scale[at] = _pass_means_scales(pc, total[at], context_levels(magnitude[at]), count[at])
+    return mean, scale
+
+
+def _encode_latent(coder, q: np.ndarray, code: LatentCode) -> None:
+    family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
+    for pc, (mask, total, level, count) in reversed(list(zip(code.passes, pass_models(q, len(code.passes))))):
+        if mask.any():
+            coder.encode_reverse(q[mask].astype(np.int32), family, *_pass_means_scales(pc, total, level, count))
+
+
+def _decode_latent(coder, code: LatentCode, shape: tuple[int, ...]) -> np.ndarray:
+    q = np.zeros(shape, dtype=np.int32)
+    family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
+    for pc, (mask, offsets) in zip(code.passes, pass_geometry(len(code.passes), *shape[1:])):
+        mask = np.broadcast_to(mask, shape)
+        if mask.any():
+            q[mask] = coder.decode(family, *_pass_means_scales(pc, *_pass_context(q, mask, offsets)))
+    return q
+
+
+def _encode(coder, q: np.ndarray, code: TensorCode | LatentCode) -> None:
     """Push one tensor onto an ANS stack (decoded in the opposite order)."""
     if not code.max_abs:
         return
-    q = q.astype(np.int32)
-    if not isinstance(code, LatentCode):
-        coder.encode_reverse(q.ravel(), _laplace(code))
-        return
-    anchors, others, means = checkerboard_halves(q, code)
-    if others.size:
-        _encode_others(coder, others, means, code.max_abs, code.pred_scale)
-    coder.encode_reverse(anchors, _laplace(code))
+    if isinstance(code, LatentCode):
+        _encode_latent(coder, q, code)
+    else:
+        coder.encode_reverse(q.astype(np.int32).ravel(), _laplace(code))
 
 
-def _decode(coder, code: TensorCode, shape: tuple[int, ...]) -> np.ndarray:
-    size = math.prod(shape)
+def _decode(coder, code: TensorCode | LatentCode, shape: tuple[int, ...]) -> np.ndarray:
     if not code.max_abs:
         return np.zeros(shape, dtype=np.int32)
-    if not isinstance(code, LatentCode):
-        return coder.decode(_laplace(code), size).astype(np.int32).reshape(shape)
-    mask = np.broadcast_to(anchor_mask(*shape[1:]), shape)
-    q = np.zeros(shape, dtype=np.int32)
-    q[mask] = coder.decode(_laplace(code), int(mask.sum()))
-    n_others = size - int(mask.sum())
-    if n_others:
-        _, _, means = checkerboard_halves(q, code)
-        family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
-        q[~mask] = coder.decode(family, means, np.full(n_others, code.pred_scale))
-    return q
+    if isinstance(code, LatentCode):
+        return _decode_latent(coder, code, shape)
+    return coder.decode(_laplace(code), math.prod(shape)).astype(np.int32).reshape(shape)
 
 
 def _bits_under(q: np.ndarray, code: TensorCode) -> float:
@@ -155,31 +229,88 @@ def _best_scale_code(values: np.ndarray, means: np.ndarray | float, cost) -> int
     return min(range(max(lo, best - 1), min(hi, best + 1) + 1), key=cost)
 
 
-def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode:
-    """The code for integers q: support from their range, Laplace scales (and for a latent
-    [C, h, w] the prediction weight alpha) fitted to cost the least."""
-    max_abs = int(np.abs(q).max()) if q.size else 0
-    if max_abs == 0:
-        return LatentCode(exponent, 0, 0) if latent else TensorCode(exponent, 0, 0)
-    if not latent:
-        scale = _best_scale_code(q, 0.0, lambda c: _bits_under(q, TensorCode(exponent, c, max_abs)))
-        return TensorCode(exponent, scale, max_abs)
-    probe = LatentCode(exponent, 0, max_abs, 0, ALPHA_ONE)
-    anchors, others, means = checkerboard_halves(q, probe)  # means at alpha = 1
-    scale = _best_scale_code(anchors, 0.0, lambda c: _bits_under(anchors, TensorCode(exponent, c, max_abs)))
-    if not others.size:
-        return LatentCode(exponent, scale, max_abs)
-    dot = float(means @ means)
-    alpha = min(ALPHA_ONE, max(0, round(ALPHA_ONE * float(others @ means) / dot))) if dot else 0
-    _, _, means = checkerboard_halves(q, LatentCode(exponent, scale, max_abs, 0, alpha))  # exactly as coded
+def _bin_bits(distance: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Bits of values at `distance` from a Laplace's mean, unit bins (no truncation; broadcasts)."""
+    d, b = np.broadcast_arrays(np.asarray(distance, np.float64), np.asarray(scale, np.float64))
+    lo = d - 0.5
+    tail = math.log(0.5) - np.maximum(lo, 0) / b + np.log1p(-np.exp(-1 / b))
+    centre = np.log(np.maximum(1 - 0.5 * (np.exp(-(d + 0.5) / b) + np.exp(np.minimum(lo, 0) / b)), 1e-300))
+    return -np.where(lo >= 0, tail, centre) / math.log(2)
+
+
+def move_bits(q: np.ndarray, code: LatentCode) -> np.ndarray:
+    """[2, values] estimated change of a latent's coded bits when one value of q [C, h, w] moves
+    by -1 or +1, all else held: its own bits, and those of the later-pass values that have it as
+    a neighbour (their mean and context level change). The scales are not re-fitted."""
+    passes, total, magnitude, count = latent_context(q, len(code.passes))
+    mean, scale = laplace_params(code, passes, total, magnitude, count)
+    bits = _bin_bits(np.abs(q - mean), scale)
+    _, h, w = q.shape
+    out = []
+    for d in (-1, 1):
+        delta = _bin_bits(np.abs(q + d - mean), scale) - bits
+        grown = np.abs(q + d) - np.abs(q)
+        for p, (_, offsets) in enumerate(pass_geometry(len(code.passes), h, w)):
+            for di, dj in offsets:  # y = x - (di, dj) has x as a neighbour if y is in pass p
+                ys = (slice(None), slice(max(0, -di), h - max(0, di)), slice(max(0, -dj), w - max(0, dj)))
+                xs = (slice(None), slice(max(0, di), h - max(0, -di)), slice(max(0, dj), w - max(0, -dj)))
+                y_mean, y_scale = laplace_params(code, passes[ys], total[ys] + d, magnitude[ys] + grown[xs], count[ys])
+                change = _bin_bits(np.abs(q[ys] - y_mean), y_scale) - bits[ys]
+                delta[xs] += np.where(passes[ys] == p, change, 0.0)
+        out.append(delta.ravel())
+    return np.stack(out)
+
+
+def _fit_pass(values: np.ndarray, total: np.ndarray, level: np.ndarray, count: np.ndarray, max_abs: int) -> PassCode:
+    """Prediction weight by least squares, then (scale code, slope) for the fewest bits: a scan
+    of every pair under the continuous Laplace's bin probabilities, refined by the real coder."""
+    values = values.astype(np.float64)
+    neighbour_mean = total / np.maximum(count, 1)
+    dot = float(neighbour_mean @ neighbour_mean)
+    weight = min(WEIGHT_ONE, max(0, round(WEIGHT_ONE * float(values @ neighbour_mean) / dot))) if dot else 0
+    means, _ = _pass_means_scales(PassCode(0, 0, weight), total, level, count)
+    # Distances are multiples of 1/192 (means have denominators 16 x count, count <= 4): bin them.
+    keys, counts = np.unique(np.stack([level, np.round(np.abs(values - means) * 192)]), axis=1, return_counts=True)
+    lo, hi = SCALE_CODE_RANGE
+    codes = np.arange(lo, hi + 1)
+    per_level = np.zeros((CONTEXT_LEVELS, codes.size))  # bits of each level's values at each code
+    np.add.at(per_level, keys[0].astype(np.int64), (_bin_bits(keys[1][None] / 192, np.exp2(codes / 8)[:, None]) * counts).T)
+    used = np.flatnonzero(per_level.any(axis=1))
+    best = (math.inf, 0, 0)
+    for slope in range(MAX_SLOPE + 1 if used.size > 1 else 1):
+        shifted = np.clip(codes[None] + slope * used[:, None], lo, hi) - lo
+        bits = np.take_along_axis(per_level[used], shifted, axis=1).sum(axis=0)
+        c = int(np.argmin(bits))
+        if bits[c] < best[0]:
+            best = (float(bits[c]), int(codes[c]), slope)
+    _, scale_code, slope = best
 
     def cost(c: int) -> float:
         coder = constriction.stream.stack.AnsCoder()
-        _encode_others(coder, others, means, max_abs, 2.0 ** (c / 8))
+        family = constriction.stream.model.QuantizedLaplace(-max_abs, max_abs)
+        coder.encode_reverse(values.astype(np.int32), family, *_pass_means_scales(PassCode(c, slope, weight), total, level, count))
         return coder.num_valid_bits()
 
-    pred = _best_scale_code(others, means, cost)
-    return LatentCode(exponent, scale, max_abs, pred, alpha)
+    # The scan's bins differ from the coder's (a truncated support, fixed-point probabilities),
+    # most on sparse values: scan the real cost around its pick in steps of 2, then refine by 1.
+    best = min(range(max(lo, scale_code - 4), min(hi, scale_code + 4) + 1, 2), key=cost)
+    return PassCode(min(range(max(lo, best - 1), min(hi, best + 1) + 1), key=cost), slope, weight)
+
+
+def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode | LatentCode:
+    """The code for integers q: support from their range and, fitted to cost the least, the
+    Laplace scale (a weight tensor) or every pass's model (a latent [C, h, w])."""
+    max_abs = int(np.abs(q).max()) if q.size else 0
+    if latent:
+        passes = tuple(
+            _fit_pass(q[mask], total, level, count, max_abs) if max_abs and mask.any() else PassCode(0)
+            for mask, total, level, count in pass_models(q, 3)
+        )
+        return LatentCode(exponent, max_abs, passes)
+    if max_abs == 0:
+        return TensorCode(exponent, 0, 0)
+    scale = _best_scale_code(q, 0.0, lambda c: _bits_under(q, TensorCode(exponent, c, max_abs)))
+    return TensorCode(exponent, scale, max_abs)
 
 
 def tensor_bits(q: np.ndarray, code: TensorCode) -> float:

@@ -1,5 +1,7 @@
 """Entropy coding of weights and transmitted latents (n2l.weights), and the encoder's rate proxy."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -36,21 +38,35 @@ def test_latent_round_trip(shape):
     np.testing.assert_array_equal(back[1], q)
 
 
-def test_checkerboard_pays_on_smooth_latents_and_not_on_noise():
+def test_prediction_pays_on_smooth_latents_and_not_on_noise():
     smooth = _smooth_latent((1, 48, 48))
     code = fit_code(smooth, 0, latent=True)
-    assert code.alpha > 8
+    assert code.passes[1].weight > 8 and code.passes[2].weight > 8
     flat = TensorCode(0, fit_code(smooth.ravel(), 0).scale_code, code.max_abs)
     assert tensor_bits(smooth, code) < 0.8 * tensor_bits(smooth.ravel(), flat)
     noise = np.random.default_rng(1).laplace(0, 2, size=(1, 48, 48)).round().astype(np.int32)
-    assert fit_code(noise, 0, latent=True).alpha <= 2  # no spatial correlation: no prediction
+    assert all(p.weight <= 2 for p in fit_code(noise, 0, latent=True).passes)  # no spatial correlation
+
+
+def test_context_levels_pay_where_activity_is_clustered():
+    """Zeros on one half, large values on the other: the scale must follow the neighbours."""
+    rng = np.random.default_rng(5)
+    q = np.zeros((1, 48, 48), np.int32)
+    q[:, :, 24:] = rng.laplace(0, 6, size=(1, 48, 24)).round()
+    code = fit_code(q, 0, latent=True)
+    assert code.passes[1].slope > 0 and code.passes[2].slope > 0
+    flat = dataclasses.replace(code, passes=tuple(dataclasses.replace(p, slope=0) for p in code.passes))
+    flat = dataclasses.replace(flat, passes=(flat.passes[0], *(dataclasses.replace(p, scale_code=code.passes[0].scale_code) for p in flat.passes[1:])))
+    assert tensor_bits(q, code) < 0.8 * tensor_bits(q, flat)
 
 
 def test_rate_proxies_follow_the_real_coder():
-    """The differentiable estimates used in training are within 10% of the coded sizes."""
+    """The differentiable estimates used in training: within 10% of the coded size for weights;
+    for latents, the checkerboard model charges more than the coder's three passes, which also
+    predict half the anchors (smooth latents: 15-35% more)."""
     smooth = _smooth_latent((1, 48, 48), seed=2)
     real = tensor_bits(smooth, fit_code(smooth, 0, latent=True))
-    assert checkerboard_bits(torch.from_numpy(smooth).float()).item() == pytest.approx(real, rel=0.1)
+    assert 1.15 * real < checkerboard_bits(torch.from_numpy(smooth).float()).item() < 1.35 * real
     w = np.random.default_rng(3).laplace(0, 3, size=500).round().astype(np.int32)
     assert laplace_bits(torch.from_numpy(w).float()).item() == pytest.approx(tensor_bits(w, fit_code(w, 0)), rel=0.1)
 
@@ -65,9 +81,20 @@ def _sparse(shape, seed=0) -> np.ndarray:
 @pytest.mark.parametrize("latent", [False, True])
 def test_fitted_scale_costs_what_the_best_signalled_scale_costs(latent):
     """On sparse tensors the mean |q| underestimates the Laplace scale tenfold; the fit must
-    still find (within 0.5%) the cheapest of all signalled scales."""
+    still find (within 0.5%) the cheapest of all signalled scales (of each latent pass, the
+    others held)."""
     q = _sparse((1, 64, 64), seed=4)
     q = q if latent else q.ravel()
     code = fit_code(q, 0, latent=latent)
-    brute = min(tensor_bits(q, type(code)(**{**code.__dict__, "scale_code": c})) for c in range(*SCALE_CODE_RANGE))
-    assert tensor_bits(q, code) <= 1.005 * brute
+    if not latent:
+        brute = min(tensor_bits(q, dataclasses.replace(code, scale_code=c)) for c in range(*SCALE_CODE_RANGE))
+        assert tensor_bits(q, code) <= 1.005 * brute
+        return
+    def with_scale(p: int, c: int) -> LatentCode:
+        passes = list(code.passes)
+        passes[p] = dataclasses.replace(passes[p], scale_code=c)
+        return dataclasses.replace(code, passes=tuple(passes))
+
+    for p in range(3):
+        brute = min(tensor_bits(q, with_scale(p, c)) for c in range(*SCALE_CODE_RANGE))
+        assert tensor_bits(q, code) <= 1.005 * brute
