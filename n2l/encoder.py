@@ -43,7 +43,9 @@ from .weights import (
     dequantize,
     encode_tensors,
     fit_code,
+    laplace_bin_bits,
     move_bits,
+    neighbour_sums,
     pass_geometry,
     quantize,
     tensor_bits,
@@ -96,14 +98,6 @@ class TrainingConfig:
     init_log2_step: float = -8.0
 
 
-def laplace_bin_bits(d: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
-    """Bits of integers at distance d from the mean of a Laplace of scale b, unit bins."""
-    lo = d - 0.5
-    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / torch.as_tensor(b)))
-    centre = torch.log((1 - 0.5 * (torch.exp(-(d + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
-    return -torch.where(lo >= 0, tail, centre) / math.log(2)
-
-
 def laplace_bits(*tensors: torch.Tensor) -> torch.Tensor:
     """Bits to code values (in units of their step) under a zero-mean Laplace with unit bins,
     each tensor with its own scale; all tensors in one vectorized pass.
@@ -126,8 +120,7 @@ def _checkerboard_geometry(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor mask ((i + j) even) and in-bounds 4-neighbour count of an h x w grid (CPU; reused
     every step)."""
     (anchors, _), (_, offsets) = pass_geometry(2, h, w)
-    inside = np.pad(np.ones((h, w)), 1)
-    count = sum(inside[1 + di: 1 + di + h, 1 + dj: 1 + dj + w] for di, dj in offsets)
+    count = neighbour_sums(np.zeros((1, h, w), np.int64), offsets)[2][0].copy()
     return torch.from_numpy(anchors), torch.from_numpy(count).float()
 
 
@@ -307,8 +300,9 @@ class _Refinement:
     """Per-value rate-distortion refinement of the transmitted latents' integers (RDOQ).
 
     Every latent integer may move one step up or down. A move's bit change comes from the
-    coder's model (the value's own Laplace and those of the neighbours it predicts), its MSE change from a second-order
-    estimate: the gradient and a Hutchinson estimate of the squared Jacobian column norms.
+    coder's model (the value's own Laplace and those of the neighbours it predicts), its MSE
+    change from a second-order estimate: the gradient and a Hutchinson estimate of the squared
+    Jacobian column norms.
     `ranked` orders one move per value for a purpose (saving bits, spending them, or the RD
     cost at a lambda) and `apply` gives a quantizer whose latents carry a prefix of that order.
     The moves interact, so callers measure what they apply (sizes and MSEs are real).
@@ -574,25 +568,45 @@ def _trim(quantizer: _Quantizer, exponents: list[int], header: tuple, target_byt
 
     spend = size(quantizer) < target_bytes if target_bytes is not None else quantizer.psnr(exponents) < target_psnr
     keep_last = (target_bytes is not None) == spend  # whether the band is before the edge
-    current, jumped = quantizer, np.zeros(0, np.int64)
-    for _ in range(rounds):
-        moves = _Refinement(current, exponents)
-        values, directions = moves.ranked("spend" if spend else "save", per_scale=False, exclude=jumped)
+    jumped = np.zeros(0, np.int64)
+
+    def attempt(moves: _Refinement, per_scale: bool) -> tuple[_Quantizer | None, _Quantizer | None, int | None]:
+        """One round of moves: (the assignment after it, the landing if it crossed into the
+        band, the move that jumped over the band if it crossed without landing)."""
+        values, directions = moves.ranked("spend" if spend else "save", per_scale=per_scale, exclude=jumped)
         if not len(values):
-            return None
+            return None, None, None
         applied = functools.lru_cache(maxsize=None)(functools.partial(_apply_prefix, moves, values, directions))
         if not beyond(applied(len(values))):
-            current = applied(len(values))
-            continue
+            return applied(len(values)), None, None
         lo, hi = 0, len(values)
         while lo < hi:  # the first n that is beyond
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if beyond(applied(mid)) else (mid + 1, hi)
         landed = applied(lo - 1 if keep_last else lo)
         if _in_band(landed, exponents, header, target_bytes, target_psnr):
-            return landed
-        # One move jumped over the whole band (a coarse value moves the PSNR a lot): go on without it.
-        current, jumped = applied(lo - 1), np.append(jumped, values[lo - 1])
+            return None, landed, None
+        # Typically one move jumped over the whole band (a coarse value moves the PSNR a lot):
+        # go on from just before it, without it.
+        return applied(lo - 1), None, values[lo - 1]
+
+    current = quantizer
+    for _ in range(rounds):
+        moves = _Refinement(current, exponents)
+        # Moves disjoint per scale: many per round, fast while far from the band. If such a
+        # round crosses the band and misses it, it is redone with moves disjoint across scales,
+        # whose sum the estimates predict better.
+        for per_scale in (True, False):
+            following, landed, jump = attempt(moves, per_scale)
+            if landed is not None:
+                return landed
+            if jump is None:
+                break
+        if following is None:
+            return None
+        current = following
+        if jump is not None:
+            jumped = np.append(jumped, jump)
     return None
 
 

@@ -95,7 +95,7 @@ def pass_geometry(n_passes: int, height: int, width: int) -> list[tuple[np.ndarr
     return [((i == 0) & (j == 0), ()), ((i == 1) & (j == 1), _DIAGONAL), (cross, _CROSS)]
 
 
-def _neighbour_sums(q: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbour_sums(q: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum, sum of |.| and in-bounds count of the neighbours at `offsets` of every element of
     q [C, h, w] (int64)."""
     q = q.astype(np.int64)
@@ -123,11 +123,11 @@ def _pass_context(q: np.ndarray, mask: np.ndarray, offsets: tuple) -> tuple[np.n
     if not offsets:
         zeros = np.zeros(int(mask.sum()), np.int64)
         return zeros, zeros, zeros
-    total, magnitude, count = _neighbour_sums(q, offsets)
+    total, magnitude, count = neighbour_sums(q, offsets)
     return total[mask], context_levels(magnitude[mask]), count[mask]
 
 
-def pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def _pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per pass of a latent q [C, h, w]: (mask [C, h, w], neighbour sum, context level,
     neighbour count) of its values, flattened. Only earlier passes' values are read."""
     out = []
@@ -145,7 +145,7 @@ def _pass_means_scales(pc: PassCode, total: np.ndarray, level: np.ndarray, count
     return means, scales
 
 
-def latent_context(q: np.ndarray, n_passes: int) -> tuple[np.ndarray, ...]:
+def _latent_context(q: np.ndarray, n_passes: int) -> tuple[np.ndarray, ...]:
     """Per value of a latent q [C, h, w]: (pass, neighbour sum, sum of |neighbours|, neighbour
     count), each [C, h, w] (int64); the last three are 0 in passes without neighbours."""
     fields = [np.zeros(q.shape, np.int64) for _ in range(4)]
@@ -153,14 +153,14 @@ def latent_context(q: np.ndarray, n_passes: int) -> tuple[np.ndarray, ...]:
         mask = np.broadcast_to(mask, q.shape)
         fields[0][mask] = p
         if offsets:
-            for field, value in zip(fields[1:], _neighbour_sums(q, offsets)):
+            for field, value in zip(fields[1:], neighbour_sums(q, offsets)):
                 field[mask] = value[mask]
     return tuple(fields)
 
 
-def laplace_params(code: LatentCode, passes: np.ndarray, total: np.ndarray, magnitude: np.ndarray,
+def _laplace_params(code: LatentCode, passes: np.ndarray, total: np.ndarray, magnitude: np.ndarray,
                    count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-value Laplace (mean, scale) of a latent's values from their `latent_context` fields."""
+    """Per-value Laplace (mean, scale) of a latent's values from their `_latent_context` fields."""
     mean, scale = np.zeros(passes.shape), np.ones(passes.shape)
     for p, pc in enumerate(code.passes):
         at = passes == p
@@ -170,7 +170,7 @@ def laplace_params(code: LatentCode, passes: np.ndarray, total: np.ndarray, magn
 
 def _encode_latent(coder, q: np.ndarray, code: LatentCode) -> None:
     family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
-    for pc, (mask, total, level, count) in reversed(list(zip(code.passes, pass_models(q, len(code.passes))))):
+    for pc, (mask, total, level, count) in reversed(list(zip(code.passes, _pass_models(q, len(code.passes))))):
         if mask.any():
             coder.encode_reverse(q[mask].astype(np.int32), family, *_pass_means_scales(pc, total, level, count))
 
@@ -229,21 +229,27 @@ def _best_scale_code(values: np.ndarray, means: np.ndarray | float, cost) -> int
     return min(range(max(lo, best - 1), min(hi, best + 1) + 1), key=cost)
 
 
-def _bin_bits(distance: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Bits of values at `distance` from a Laplace's mean, unit bins (no truncation; broadcasts)."""
-    d, b = np.broadcast_arrays(np.asarray(distance, np.float64), np.asarray(scale, np.float64))
+def laplace_bin_bits(d: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """Bits of integers at distance d from the mean of a Laplace of scale b, unit bins (no
+    truncation; broadcasts). Differentiable: the encoder's rate proxy uses it too."""
     lo = d - 0.5
-    tail = math.log(0.5) - np.maximum(lo, 0) / b + np.log1p(-np.exp(-1 / b))
-    centre = np.log(np.maximum(1 - 0.5 * (np.exp(-(d + 0.5) / b) + np.exp(np.minimum(lo, 0) / b)), 1e-300))
-    return -np.where(lo >= 0, tail, centre) / math.log(2)
+    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / torch.as_tensor(b)))
+    centre = torch.log((1 - 0.5 * (torch.exp(-(d + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
+    return -torch.where(lo >= 0, tail, centre) / math.log(2)
+
+
+def _bin_bits(distance: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """laplace_bin_bits on numpy arrays, in float64."""
+    return laplace_bin_bits(torch.from_numpy(np.asarray(distance, np.float64)),
+                            torch.from_numpy(np.asarray(scale, np.float64))).numpy()
 
 
 def move_bits(q: np.ndarray, code: LatentCode) -> np.ndarray:
     """[2, values] estimated change of a latent's coded bits when one value of q [C, h, w] moves
     by -1 or +1, all else held: its own bits, and those of the later-pass values that have it as
     a neighbour (their mean and context level change). The scales are not re-fitted."""
-    passes, total, magnitude, count = latent_context(q, len(code.passes))
-    mean, scale = laplace_params(code, passes, total, magnitude, count)
+    passes, total, magnitude, count = _latent_context(q, len(code.passes))
+    mean, scale = _laplace_params(code, passes, total, magnitude, count)
     bits = _bin_bits(np.abs(q - mean), scale)
     _, h, w = q.shape
     out = []
@@ -254,7 +260,7 @@ def move_bits(q: np.ndarray, code: LatentCode) -> np.ndarray:
             for di, dj in offsets:  # y = x - (di, dj) has x as a neighbour if y is in pass p
                 ys = (slice(None), slice(max(0, -di), h - max(0, di)), slice(max(0, -dj), w - max(0, dj)))
                 xs = (slice(None), slice(max(0, di), h - max(0, -di)), slice(max(0, dj), w - max(0, -dj)))
-                y_mean, y_scale = laplace_params(code, passes[ys], total[ys] + d, magnitude[ys] + grown[xs], count[ys])
+                y_mean, y_scale = _laplace_params(code, passes[ys], total[ys] + d, magnitude[ys] + grown[xs], count[ys])
                 change = _bin_bits(np.abs(q[ys] - y_mean), y_scale) - bits[ys]
                 delta[xs] += np.where(passes[ys] == p, change, 0.0)
         out.append(delta.ravel())
@@ -270,11 +276,13 @@ def _fit_pass(values: np.ndarray, total: np.ndarray, level: np.ndarray, count: n
     weight = min(WEIGHT_ONE, max(0, round(WEIGHT_ONE * float(values @ neighbour_mean) / dot))) if dot else 0
     means, _ = _pass_means_scales(PassCode(0, 0, weight), total, level, count)
     # Distances are multiples of 1/192 (means have denominators 16 x count, count <= 4): bin them.
-    keys, counts = np.unique(np.stack([level, np.round(np.abs(values - means) * 192)]), axis=1, return_counts=True)
+    distance = np.round(np.abs(values - means) * 192).astype(np.int64)
+    keys, counts = np.unique(level * (2 * 192 * MAX_ABS + 1) + distance, return_counts=True)
+    key_level, key_distance = np.divmod(keys, 2 * 192 * MAX_ABS + 1)
     lo, hi = SCALE_CODE_RANGE
     codes = np.arange(lo, hi + 1)
     per_level = np.zeros((CONTEXT_LEVELS, codes.size))  # bits of each level's values at each code
-    np.add.at(per_level, keys[0].astype(np.int64), (_bin_bits(keys[1][None] / 192, np.exp2(codes / 8)[:, None]) * counts).T)
+    np.add.at(per_level, key_level, (_bin_bits(key_distance[None] / 192, np.exp2(codes / 8)[:, None]) * counts).T)
     used = np.flatnonzero(per_level.any(axis=1))
     best = (math.inf, 0, 0)
     for slope in range(MAX_SLOPE + 1 if used.size > 1 else 1):
@@ -304,7 +312,7 @@ def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode |
     if latent:
         passes = tuple(
             _fit_pass(q[mask], total, level, count, max_abs) if max_abs and mask.any() else PassCode(0)
-            for mask, total, level, count in pass_models(q, 3)
+            for mask, total, level, count in _pass_models(q, 3)
         )
         return LatentCode(exponent, max_abs, passes)
     if max_abs == 0:
