@@ -118,17 +118,16 @@ def context_levels(magnitude: np.ndarray) -> np.ndarray:
 
 
 def _pass_context(q: np.ndarray, mask: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(neighbour sum, context level, in-bounds neighbour count) of the values of q [C, h, w]
-    under mask [C, h, w], flattened; zeros for a pass without neighbours."""
+    """(neighbour sum, sum of |neighbours|, in-bounds neighbour count) of the values of
+    q [C, h, w] under mask [C, h, w], flattened; zeros for a pass without neighbours."""
     if not offsets:
         zeros = np.zeros(int(mask.sum()), np.int64)
         return zeros, zeros, zeros
-    total, magnitude, count = neighbour_sums(q, offsets)
-    return total[mask], context_levels(magnitude[mask]), count[mask]
+    return tuple(field[mask] for field in neighbour_sums(q, offsets))
 
 
 def _pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per pass of a latent q [C, h, w]: (mask [C, h, w], neighbour sum, context level,
+    """Per pass of a latent q [C, h, w]: (mask [C, h, w], neighbour sum, sum of |neighbours|,
     neighbour count) of its values, flattened. Only earlier passes' values are read."""
     out = []
     for mask, offsets in pass_geometry(n_passes, *q.shape[1:]):
@@ -137,42 +136,40 @@ def _pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndar
     return out
 
 
-def _pass_means_scales(pc: PassCode, total: np.ndarray, level: np.ndarray, count: np.ndarray):
+def _pass_means_scales(pc: PassCode, total: np.ndarray, magnitude: np.ndarray, count: np.ndarray):
     # Integer numerator and denominator, one correctly rounded division: identical everywhere.
     means = (pc.weight * total).astype(np.float64) / np.maximum(WEIGHT_ONE * count, 1).astype(np.float64)
     lo, hi = SCALE_CODE_RANGE
-    scales = np.exp2(np.clip(pc.scale_code + pc.slope * level, lo, hi) / 8.0)
+    scales = np.exp2(np.clip(pc.scale_code + pc.slope * context_levels(magnitude), lo, hi) / 8.0)
     return means, scales
 
 
 def _latent_context(q: np.ndarray, n_passes: int) -> tuple[np.ndarray, ...]:
-    """Per value of a latent q [C, h, w]: (pass, neighbour sum, sum of |neighbours|, neighbour
-    count), each [C, h, w] (int64); the last three are 0 in passes without neighbours."""
+    """The fields of `_pass_models` as arrays [C, h, w] (int64): (pass, neighbour sum, sum of
+    |neighbours|, neighbour count) of every value."""
     fields = [np.zeros(q.shape, np.int64) for _ in range(4)]
-    for p, (mask, offsets) in enumerate(pass_geometry(n_passes, *q.shape[1:])):
-        mask = np.broadcast_to(mask, q.shape)
+    for p, (mask, *values) in enumerate(_pass_models(q, n_passes)):
         fields[0][mask] = p
-        if offsets:
-            for field, value in zip(fields[1:], neighbour_sums(q, offsets)):
-                field[mask] = value[mask]
+        for field, value in zip(fields[1:], values):
+            field[mask] = value
     return tuple(fields)
 
 
 def _laplace_params(code: LatentCode, passes: np.ndarray, total: np.ndarray, magnitude: np.ndarray,
-                   count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-value Laplace (mean, scale) of a latent's values from their `_latent_context` fields."""
     mean, scale = np.zeros(passes.shape), np.ones(passes.shape)
     for p, pc in enumerate(code.passes):
         at = passes == p
-        mean[at], scale[at] = _pass_means_scales(pc, total[at], context_levels(magnitude[at]), count[at])
+        mean[at], scale[at] = _pass_means_scales(pc, total[at], magnitude[at], count[at])
     return mean, scale
 
 
 def _encode_latent(coder, q: np.ndarray, code: LatentCode) -> None:
     family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
-    for pc, (mask, total, level, count) in reversed(list(zip(code.passes, _pass_models(q, len(code.passes))))):
+    for pc, (mask, *context) in reversed(list(zip(code.passes, _pass_models(q, len(code.passes))))):
         if mask.any():
-            coder.encode_reverse(q[mask].astype(np.int32), family, *_pass_means_scales(pc, total, level, count))
+            coder.encode_reverse(q[mask].astype(np.int32), family, *_pass_means_scales(pc, *context))
 
 
 def _decode_latent(coder, code: LatentCode, shape: tuple[int, ...]) -> np.ndarray:
@@ -267,14 +264,15 @@ def move_bits(q: np.ndarray, code: LatentCode) -> np.ndarray:
     return np.stack(out)
 
 
-def _fit_pass(values: np.ndarray, total: np.ndarray, level: np.ndarray, count: np.ndarray, max_abs: int) -> PassCode:
+def _fit_pass(values: np.ndarray, total: np.ndarray, magnitude: np.ndarray, count: np.ndarray, max_abs: int) -> PassCode:
     """Prediction weight by least squares, then (scale code, slope) for the fewest bits: a scan
     of every pair under the continuous Laplace's bin probabilities, refined by the real coder."""
     values = values.astype(np.float64)
     neighbour_mean = total / np.maximum(count, 1)
     dot = float(neighbour_mean @ neighbour_mean)
     weight = min(WEIGHT_ONE, max(0, round(WEIGHT_ONE * float(values @ neighbour_mean) / dot))) if dot else 0
-    means, _ = _pass_means_scales(PassCode(0, 0, weight), total, level, count)
+    means, _ = _pass_means_scales(PassCode(0, 0, weight), total, magnitude, count)
+    level = context_levels(magnitude)
     # Distances are multiples of 1/192 (means have denominators 16 x count, count <= 4): bin them.
     distance = np.round(np.abs(values - means) * 192).astype(np.int64)
     keys, counts = np.unique(level * (2 * 192 * MAX_ABS + 1) + distance, return_counts=True)
@@ -296,7 +294,7 @@ def _fit_pass(values: np.ndarray, total: np.ndarray, level: np.ndarray, count: n
     def cost(c: int) -> float:
         coder = constriction.stream.stack.AnsCoder()
         family = constriction.stream.model.QuantizedLaplace(-max_abs, max_abs)
-        coder.encode_reverse(values.astype(np.int32), family, *_pass_means_scales(PassCode(c, slope, weight), total, level, count))
+        coder.encode_reverse(values.astype(np.int32), family, *_pass_means_scales(PassCode(c, slope, weight), total, magnitude, count))
         return coder.num_valid_bits()
 
     # The scan's bins differ from the coder's (a truncated support, fixed-point probabilities),
@@ -311,8 +309,8 @@ def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode |
     max_abs = int(np.abs(q).max()) if q.size else 0
     if latent:
         passes = tuple(
-            _fit_pass(q[mask], total, level, count, max_abs) if max_abs and mask.any() else PassCode(0)
-            for mask, total, level, count in _pass_models(q, 3)
+            _fit_pass(q[mask], *context, max_abs) if max_abs and mask.any() else PassCode(0)
+            for mask, *context in _pass_models(q, 3)
         )
         return LatentCode(exponent, max_abs, passes)
     if max_abs == 0:
