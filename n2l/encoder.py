@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import bitstream
 from .images import ImageLike, load_image, to_tensor
+from .memory import retain_freed_memory
 from .model import PRESETS, ModelConfig, N2LModel, preset
 from .weights import (
     MAX_EXPONENT,
@@ -45,7 +46,6 @@ from .weights import (
     fit_code,
     laplace_bin_bits,
     move_bits,
-    neighbour_sums,
     pass_geometry,
     quantize,
     tensor_bits,
@@ -78,7 +78,10 @@ HYBRID_CONFIGS = (
     *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2, coded_scales=7) for _ in range(3)),
 )
 MODES = ("pure", "hybrid")
-DEFAULT_ITERATIONS = {"pure": 2000, "hybrid": 8000}  # hybrid keeps gaining to 8000 (bench/RESULTS.md 5, 7f)
+# Training iterations per mode and quality. Hybrid mode keeps gaining to 16000 (bench/RESULTS.md
+# 5, 7f, 7k); its levels 6-8 (every scale coded: slower steps) stop at 12000 to stay inside
+# 5 minutes per 256x256 crop on 2 CPU cores.
+DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (16000,) * 6 + (12000,) * 3}
 RATE_CONTROL_RETRIES = 2  # short controlled fine-tunes when the step search misses the target band
 SIZE_BAND = 0.97  # a size target lands in [SIZE_BAND, 1] x target_bytes ...
 PSNR_BAND_DB = 0.1  # ... a PSNR target in [target_psnr, target_psnr + PSNR_BAND_DB]
@@ -109,19 +112,30 @@ def laplace_bits(*tensors: torch.Tensor) -> torch.Tensor:
     bits) does; that bias pushes latents toward sparsity, and removing it lost RD
     (bench/RESULTS.md 7d).
     """
-    magnitudes = [t.abs().flatten() for t in tensors]
-    scales = torch.stack([m.mean() for m in magnitudes]).clamp_min(1e-3)
-    sizes = torch.tensor([m.numel() for m in magnitudes], device=scales.device)
-    return laplace_bin_bits(torch.cat(magnitudes), scales.repeat_interleave(sizes)).sum()
+    magnitudes = torch.cat([t.flatten() for t in tensors]).abs()
+    sizes = torch.tensor([t.numel() for t in tensors], device=magnitudes.device)
+    segment = torch.repeat_interleave(sizes)  # which tensor each value belongs to
+    sums = magnitudes.new_zeros(len(tensors)).index_add(0, segment, magnitudes)
+    scales = (sums / sizes).clamp_min(1e-3)
+    return laplace_bin_bits(magnitudes, scales[segment]).sum()
 
 
 @functools.cache
-def _checkerboard_geometry(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchor mask ((i + j) even) and in-bounds 4-neighbour count of an h x w grid (CPU; reused
-    every step)."""
-    (anchors, _), (_, offsets) = pass_geometry(2, h, w)
-    count = neighbour_sums(np.zeros((1, h, w), np.int64), offsets)[2][0].copy()
-    return torch.from_numpy(anchors), torch.from_numpy(count).float()
+def _checkerboard_geometry(h: int, w: int) -> tuple[torch.Tensor, ...]:
+    """Flat indices of an h x w grid's anchors ((i + j) even) and other values, the [4, others]
+    indices of each other value's 4 neighbours (h * w, a zero slot, where out of bounds) and
+    their in-bounds count (CPU; reused every step: indices avoid a mask's nonzero)."""
+    (anchors, _), (others, offsets) = pass_geometry(2, h, w)
+    i, j = np.nonzero(others)
+    neighbours = []
+    for di, dj in offsets:
+        y, x = i + di, j + dj
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        neighbours.append(np.where(inside, y * w + x, h * w))
+    neighbours = np.stack(neighbours)
+    count = (neighbours < h * w).sum(0)
+    return (torch.from_numpy(np.flatnonzero(anchors)), torch.from_numpy(np.flatnonzero(others)),
+            torch.from_numpy(neighbours), torch.from_numpy(count).float())
 
 
 def checkerboard_residuals(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -136,12 +150,13 @@ def checkerboard_residuals(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     h, w = v.shape[-2:]
     if h * w == 1:
         return (v,)
-    mask, count = (t.to(v.device) for t in _checkerboard_geometry(h, w))
-    padded = F.pad(torch.where(mask, v, 0.0), (1, 1, 1, 1))
-    total = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
-    others, pred = v[:, ~mask], (total / count)[:, ~mask]
-    alpha = ((others * pred).sum() / (pred * pred).sum().clamp_min(1e-9)).clamp(0, 1).detach()
-    return v[:, mask], others - alpha * pred
+    anchors, others, neighbours, count = (t.to(v.device) for t in _checkerboard_geometry(h, w))
+    flat = v.reshape(v.shape[0], h * w)
+    # index_select: its backward is an index_add, several times faster than advanced indexing's
+    pred = F.pad(flat, (0, 1)).index_select(1, neighbours.flatten()).view(-1, *neighbours.shape).sum(1) / count
+    values = flat.index_select(1, others)
+    alpha = ((values * pred).sum() / (pred * pred).sum().clamp_min(1e-9)).clamp(0, 1).detach()
+    return flat.index_select(1, anchors), values - alpha * pred
 
 
 def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
@@ -158,13 +173,17 @@ class _RateProxy:
         self.n_layer_tensors = 2 * len(model.config.layer_shapes())
         init = [init_log2_step] * self.n_layer_tensors + [0.0] * len(model.coded)
         self.log2_steps = torch.tensor(init, device=next(model.parameters()).device, requires_grad=True)
+        self.layer_sizes = [p.numel() for p in list(model.parameters())[: self.n_layer_tensors]]
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         steps = torch.exp2(self.log2_steps)
         tensors = list(params.values())
         n = self.n_layer_tensors
+        # All layer tensors in one division (a few ops per step instead of a few per tensor).
+        layers = torch.cat([p.flatten() for p in tensors[:n]])
+        layers = layers / steps[:n].repeat_interleave(torch.tensor(self.layer_sizes, device=steps.device))
         coded = [part for i, p in enumerate(tensors[n:]) for part in checkerboard_residuals(p[0] / steps[n + i])]
-        return laplace_bits(*(p / steps[i] for i, p in enumerate(tensors[:n])), *coded)
+        return laplace_bits(*layers.split(self.layer_sizes), *coded)
 
     def fix(self, exponents: list[int]) -> None:
         """Freeze the steps at 2^-exponents (quantization-aware phase: rate at the real steps)."""
@@ -668,6 +687,7 @@ def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config:
     return lam, config
 
 
+@retain_freed_memory()  # the training steps reuse their freed activations' pages
 def encode(
     image: ImageLike,
     quality: int = 4,
@@ -690,7 +710,7 @@ def encode(
     quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
     `lmbda` overrides the lambda. `mode` is "pure" (the paper's design: every latent is
     generated from seeded noise) or "hybrid" (the coarse latent scales are transmitted, see
-    HYBRID_CONFIGS; with `preset`, all of them; 8000 iterations by default instead of 2000).
+    HYBRID_CONFIGS; with `preset`, all of them; 12000-16000 iterations by default instead of 2000).
     `seeds` > 1 trains that many candidates (noise seeds seed, seed+1, ...) briefly and keeps
     the best. `verbose` shows a progress bar.
 
@@ -709,7 +729,7 @@ def encode(
         quality = _quality_for_target(mode, height * width, target_bytes, target_psnr)
     lam, cfg = _resolve(quality, preset, lmbda, config, mode)
     cfg = replace(cfg, out_channels=channels)
-    tc = training or TrainingConfig(iterations=DEFAULT_ITERATIONS[mode])
+    tc = training or TrainingConfig(iterations=DEFAULT_ITERATIONS[mode][quality])
     if iterations is not None:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")

@@ -229,9 +229,12 @@ def _best_scale_code(values: np.ndarray, means: np.ndarray | float, cost) -> int
 def laplace_bin_bits(d: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
     """Bits of integers at distance d from the mean of a Laplace of scale b, unit bins (no
     truncation; broadcasts). Differentiable: the encoder's rate proxy uses it too."""
+    def exp(x: torch.Tensor) -> torch.Tensor:  # e^-80 is as good as 0 here; float32 denormals
+        return torch.exp(x.clamp_min(-80.0))  # below it make exp several times slower on CPU
+
     lo = d - 0.5
-    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-torch.exp(-1 / torch.as_tensor(b)))
-    centre = torch.log((1 - 0.5 * (torch.exp(-(d + 0.5) / b) + torch.exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
+    tail = math.log(0.5) - lo.clamp_min(0) / b + torch.log1p(-exp(-1 / torch.as_tensor(b)))
+    centre = torch.log((1 - 0.5 * (exp(-(d + 0.5) / b) + exp(lo.clamp_max(0) / b))).clamp_min(1e-12))
     return -torch.where(lo >= 0, tail, centre) / math.log(2)
 
 
