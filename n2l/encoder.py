@@ -437,10 +437,10 @@ class _Refinement:
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # Hybrid mode: the latents carry the rate, so size targets start from the level whose typical
-# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7g, 8000
-# iterations), interpolated between them (bpp geometrically) and extrapolated above.
-TYPICAL_HYBRID_BPP = (0.17, 0.25, 0.36, 0.52, 0.77, 1.14, 1.68, 2.35, 3.3)
-TYPICAL_HYBRID_PSNR = (24.7, 26.1, 27.4, 28.7, 31.0, 33.3, 35.5, 37.3, 38.8)
+# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7k), interpolated
+# between them (bpp geometrically) and extrapolated above.
+TYPICAL_HYBRID_BPP = (0.16, 0.23, 0.34, 0.49, 0.71, 1.03, 1.50, 2.10, 2.94)
+TYPICAL_HYBRID_PSNR = (24.8, 26.3, 27.7, 29.1, 31.3, 33.5, 35.7, 37.5, 39.0)
 
 
 def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
