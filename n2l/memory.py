@@ -2,9 +2,10 @@
 
 Each training step allocates and frees the same few-megabyte activations. glibc returns such
 blocks to the system after every free (mmap, or a trim of the heap top), so the next step
-page-faults all of them in again: a quarter of a step's time on 256x256 crops
-(bench/RESULTS.md 7k). Raising the mmap and trim thresholds for the duration of an encode
-lets the steps reuse the same pages.
+page-faults all of them in again: 40-55% of a step's time on 256x256 crops (bench/RESULTS.md
+7k). Raising the mmap and trim thresholds for the duration of an encode lets the steps reuse the
+same pages. The thresholds are process-wide: encodes running side by side in threads are still
+correct, only slower once the first of them has returned.
 """
 
 from __future__ import annotations
