@@ -121,7 +121,7 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "hybrid: latents transmitted (smaller files at every quality so far)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture (decode cost)")
     p.add_argument("--iterations", "-n", type=int, default=None,
-                   help="training iterations (default 2000 pure; hybrid 16000, 12000 from quality 6)")
+                   help="training iterations (default 2000 pure; hybrid 16000, 12000 from quality 5)")
     p.add_argument("--seeds", type=int, default=1, help="noise seeds to try, keeping the best")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-size", type=parse_size, default=None, metavar="SIZE",
