@@ -16,9 +16,13 @@ def _page_faults() -> int:
 
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc only")
-def test_freed_memory_is_reused_inside_and_returned_after():
+def test_freed_memory_is_reused_inside():
+    # Outside, glibc gives the blocks back and each round faults them in again (4 KiB pages:
+    # about 100k faults; fewer where transparent huge pages back them).
     pages = 10 * 5 * 8 * 1024 * 1024 // 4096
+    outside = _page_faults()
     with retain_freed_memory():
         _page_faults()  # the first round may fault the heap in
-        assert _page_faults() < pages // 10
-    assert _page_faults() > pages // 2  # glibc's default: blocks go back to the system
+        inside = _page_faults()
+    assert inside < pages // 10
+    assert inside <= outside
