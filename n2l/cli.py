@@ -74,26 +74,25 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bytes_by_part(buf: bytes) -> str:
+def _bytes_by_part(header: bitstream.Header, payload: bytes) -> str:
     """Where the bytes of a stream go: header (and CRC), weights, each transmitted latent."""
-    header, payload = bitstream.read(buf)
     cfg = header.config
     qs = decode_tensors(payload, list(header.codes), bitstream.tensor_shapes(cfg, header.height, header.width))
     bits = [tensor_bits(q, code) for q, code in zip(qs, header.codes)]
     sizes = [len(payload) * b / max(sum(bits), 1) for b in bits]  # shares of the one ANS stream
     n = 2 * len(cfg.layer_shapes())
-    parts = [f"header and CRC {len(buf) - len(payload)} B", f"weights {sum(sizes[:n]):.0f} B"]
+    parts = [f"header and CRC {header.n_bytes - len(payload)} B", f"weights {sum(sizes[:n]):.0f} B"]
     parts += [f"latent of scale {s} {b:.0f} B" for s, b in zip(cfg.coded_scale_list, sizes[n:])]
     return ", ".join(parts)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     buf = _read_bytes(args.input)
-    header = bitstream.read_header(buf)
+    header, payload = bitstream.read(buf)
     cfg = header.config
     print(f"format:   n2l version {buf[3]}")
     print(f"size:     {header.width}x{header.height}, {'RGB' if header.channels == 3 else 'grayscale'}")
-    print(f"bytes:    {header.n_bytes} ({header.bpp:.4f} bpp): {_bytes_by_part(buf)}")
+    print(f"bytes:    {header.n_bytes} ({header.bpp:.4f} bpp): {_bytes_by_part(header, payload)}")
     print(f"seed:     {header.seed}")
     print(f"network:  {cfg.summary()}")
     print(f"decode:   {cfg.macs_per_pixel(header.height, header.width):.1f} MAC/pixel at this size")

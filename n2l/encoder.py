@@ -174,6 +174,7 @@ class _RateProxy:
         init = [init_log2_step] * self.n_layer_tensors + [0.0] * len(model.coded)
         self.log2_steps = torch.tensor(init, device=next(model.parameters()).device, requires_grad=True)
         self.layer_sizes = [p.numel() for p in list(model.parameters())[: self.n_layer_tensors]]
+        self.layer_sizes_tensor = torch.tensor(self.layer_sizes, device=self.log2_steps.device)
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         steps = torch.exp2(self.log2_steps)
@@ -181,7 +182,7 @@ class _RateProxy:
         n = self.n_layer_tensors
         # All layer tensors in one division (a few ops per step instead of a few per tensor).
         layers = torch.cat([p.flatten() for p in tensors[:n]])
-        layers = layers / steps[:n].repeat_interleave(torch.tensor(self.layer_sizes, device=steps.device))
+        layers = layers / steps[:n].repeat_interleave(self.layer_sizes_tensor)
         coded = [part for i, p in enumerate(tensors[n:]) for part in checkerboard_residuals(p[0] / steps[n + i])]
         return laplace_bits(*layers.split(self.layer_sizes), *coded)
 
