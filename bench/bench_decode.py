@@ -20,12 +20,19 @@ SIZES = ((256, 256), (768, 512))  # width x height
 PATHS = (("torch", "cpu"), ("cpu", "cpu"), ("torch", "cuda"), ("triton", "cuda"))  # (backend, device)
 
 
-@pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+STREAMS = [(size, mode) for size in SIZES for mode in ("pure", "hybrid")]
+
+
+@pytest.fixture(scope="module", params=STREAMS, ids=lambda p: f"{p[0][0]}x{p[0][1]}-{p[1]}")
 def stream(request) -> bytes:
-    width, height = request.param
+    """Pure mode at the `default` preset; hybrid at quality 3 (its latents take most of the
+    entropy decoding)."""
+    (width, height), mode = request.param
     rng = np.random.default_rng(0)
     image = (rng.random((height, width, 3)) * 255).astype(np.uint8)
-    return n2l.encode(image, quality=4, preset="default", iterations=2, verbose=False)
+    if mode == "pure":
+        return n2l.encode(image, quality=4, preset="default", iterations=2, verbose=False)
+    return n2l.encode(image, quality=3, mode="hybrid", iterations=2, verbose=False)
 
 
 @pytest.mark.parametrize(("backend", "device"), PATHS, ids=[f"{b}-{d}" for b, d in PATHS])
@@ -35,7 +42,7 @@ def test_decode_latency(benchmark, stream: bytes, backend: str, device: str) -> 
     if not backend_available(backend):
         pytest.skip(f"backend {backend} unavailable")
     header = n2l.read_header(stream)
-    benchmark.group = f"{header.width}x{header.height}"
+    benchmark.group = f"{header.width}x{header.height} {'hybrid' if header.config.coded_scales else 'pure'}"
     n2l.decode(stream, device=device, backend=backend)  # compile / warm up outside the timing
     pixels = benchmark(n2l.decode, stream, device=device, backend=backend)
     assert pixels.shape == (header.height, header.width, 3)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from n2l.model import N2LModel
+    from n2l.model import N2LModel, Weights
 
 __all__ = [
     "decode_triton",
@@ -50,19 +50,24 @@ def _impl():
     return _triton
 
 
-def decode_triton(model: N2LModel, seed: int, height: int, width: int) -> torch.Tensor:
-    """uint8 [H, W, C_out] on the model's device, equal to the torch reference (within 1 level)."""
-    return _impl().decode_triton(model, seed, height, width)
+def decode_triton(
+    net: N2LModel | Weights, seed: int, height: int, width: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """uint8 [H, W, C_out] on `device` (default: the weights' device), equal to the torch
+    reference within 1 level. `net` is a model or its bare Weights (n2l.decoder.load_weights)."""
+    return _impl().decode_triton(net, seed, height, width, device=device)
 
 
-def latents_triton(model: N2LModel, seed: int, height: int, width: int) -> list[torch.Tensor]:
+def latents_triton(
+    net: N2LModel | Weights, seed: int, height: int, width: int, device: torch.device | str | None = None
+) -> list[torch.Tensor]:
     """GPP stage only: latents y_s, finest first, each [1, C, h_s, w_s]."""
-    return _impl().latents_triton(model, seed, height, width)
+    return _impl().latents_triton(net, seed, height, width, device=device)
 
 
-def synthesis_triton(model: N2LModel, ys: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
-    """Synthesis stage only: latents -> float32 [1, C_out, H, W], not clamped."""
-    return _impl().synthesis_triton(model, ys, height, width)
+def synthesis_triton(net: N2LModel | Weights, ys: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Synthesis stage only (on the latents' device): latents -> float32 [1, C_out, H, W], not clamped."""
+    return _impl().synthesis_triton(net, ys, height, width)
 
 
 def noise_triton(seed: int, scale: int, channels: int, height: int, width: int, device) -> torch.Tensor:

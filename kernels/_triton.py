@@ -28,11 +28,12 @@ import contextlib
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from n2l.model import N2LModel
+from n2l.model import ModelConfig, N2LModel, Weights
 from n2l.noise import NOISE_CENTER, NOISE_SCALE, scale_shape
 
 _NOISE_CENTER = tl.constexpr(NOISE_CENTER)
@@ -332,9 +333,11 @@ class Tiles:
 
 @dataclass
 class _Packed:
-    """Weights of one model, padded and transposed for the kernels (built once, cached)."""
+    """Weights of one network, padded and transposed for the kernels, on the decode device."""
 
-    gpp: dict  # scale -> (w0, b0, w1, b1, K)
+    device: torch.device
+    gpp: dict  # generated scale -> (w0, b0, w1, b1, K)
+    coded: dict  # coded scale -> its latent, flat
     wf: torch.Tensor
     bf: torch.Tensor
     wd: torch.Tensor
@@ -347,88 +350,101 @@ class _Packed:
     op: int
 
 
-def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    out = torch.zeros(shape, dtype=torch.float32, device=t.device)
-    out[tuple(slice(0, n) for n in t.shape)] = t
+def _pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(shape, dtype=np.float32)
+    out[tuple(slice(0, n) for n in a.shape)] = a
     return out
 
 
-def _pack(model: N2LModel) -> _Packed:
-    cfg = model.config
+def _upload(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Arrays -> views of one device buffer, in one host-to-device copy. Each part starts on a
+    64-byte boundary: Triton specializes kernels on 16-byte pointer alignment, so unaligned views
+    would compile (and run) other variants."""
+    sizes = [-(-a.size // 16) * 16 for a in parts]
+    flat = np.zeros(sum(sizes), dtype=np.float32)
+    for a, view in zip(parts, np.split(flat, np.cumsum(sizes)[:-1])):
+        view[: a.size] = a.ravel()
+    views = torch.from_numpy(flat).to(device).split(sizes)
+    return [view[: a.size].view(a.shape) for a, view in zip(parts, views)]
+
+
+def _pack(weights: Weights, device: torch.device) -> _Packed:
+    """Pad and transpose in numpy on the host (dozens of tiny ops: a microsecond each there, a
+    kernel launch each on a GPU), then upload everything at once."""
+    cfg = weights.config
     c, m = cfg.latent_channels, cfg.n_scales
     cp, gp, op = _pow2(c), _dot_width(cfg.gpp_hidden), _pow2(cfg.out_channels)
-    layers = {
-        name: (conv.weight.detach().float(), conv.bias.detach().float())
-        for name, conv in model.named_layers()
-    }
+    cpu = weights.cpu()
+    layers = {name: (w.numpy(), b.numpy()) for name, (w, b) in cpu.layers.items()}
+
+    parts: list[np.ndarray] = []  # uploaded together; the fields below index into it
+
+    def part(a: np.ndarray) -> int:
+        parts.append(a)
+        return len(parts) - 1
 
     gpp = {}
     for s in cfg.generated_scales:
         w, b = layers[f"gpp.{s}.0"]  # [G, CIN, k, k]
         g, cin, k, _ = w.shape
-        w0 = _pad(w.permute(2, 3, 1, 0).reshape(k * k, cin, g), (k * k, cin, gp))
+        w0 = _pad(w.transpose(2, 3, 1, 0).reshape(k * k, cin, g), (k * k, cin, gp))
         w, b1 = layers[f"gpp.{s}.1"]  # [2C, G, 1, 1]
         w = w[:, :, 0, 0]
-        w1 = torch.stack([_pad(w[:c], (cp, gp)), _pad(w[c:], (cp, gp))])
-        b1 = torch.stack([_pad(b1[:c], (cp,)), _pad(b1[c:], (cp,))])
-        gpp[s] = (w0.contiguous(), _pad(b, (gp,)), w1.contiguous(), b1.contiguous(), k)
+        w1 = np.stack([_pad(w[:c], (cp, gp)), _pad(w[c:], (cp, gp))])
+        b1 = np.stack([_pad(b1[:c], (cp,)), _pad(b1[c:], (cp,))])
+        gpp[s] = (part(w0), part(_pad(b, (gp,))), part(w1), part(b1), k)
+    coded = {s: part(cpu.coded_latent(s).numpy().ravel()) for s in range(m) if cfg.is_coded(s)}
 
     n_synth = len(cfg.synth_hidden) + 1
     widths = tuple(_dot_width(h) for h in cfg.synth_hidden) + (op,)
     w, b = layers["synth.0"]
-    wf = _pad(w[:, :, 0, 0].t(), (m * c, widths[0]))
-    bf = _pad(b, (widths[0],))
+    wf = part(_pad(w[:, :, 0, 0].T, (m * c, widths[0])))
+    bf = part(_pad(b, (widths[0],)))
     wd, bd = [], []
     for i in range(1, n_synth):
         w, b = layers[f"synth.{i}"]
-        wd.append(_pad(w[:, :, 0, 0], (widths[i], widths[i - 1])).flatten())
+        wd.append(_pad(w[:, :, 0, 0], (widths[i], widths[i - 1])).ravel())
         bd.append(_pad(b, (widths[i],)))
-    dev = wf.device
-    empty = torch.zeros(1, dtype=torch.float32, device=dev)  # valid pointer for unused args
     wr, br = [], []
     for r in range(cfg.synth_residual):
         w, b = layers[f"synth_res.{r}"]  # [out, in, 3, 3] -> [tap, out, in]
-        wr.append(_pad(w.permute(2, 3, 0, 1).reshape(9, w.shape[0], w.shape[1]), (9, op, op)))
+        wr.append(_pad(w.transpose(2, 3, 0, 1).reshape(9, w.shape[0], w.shape[1]), (9, op, op)))
         br.append(_pad(b, (op,)))
+    unused = np.zeros(1, np.float32)  # a valid pointer for the arguments of absent layers
+    wd, bd, wr, br = (part(np.concatenate(x) if x else unused) for x in (wd, bd, wr, br))
+    up = _upload(parts, device)
     return _Packed(
-        gpp=gpp,
-        wf=wf.contiguous(),
-        bf=bf,
-        wd=torch.cat(wd) if wd else empty,
-        bd=torch.cat(bd) if bd else empty,
-        wr=torch.stack(wr).contiguous() if wr else empty,
-        br=torch.stack(br).contiguous() if br else empty,
-        widths=widths,
-        cp=cp,
-        gp=gp,
-        op=op,
-    )
+        device=device,
+        gpp={s: (up[w0], up[b0], up[w1], up[b1], k) for s, (w0, b0, w1, b1, k) in gpp.items()},
+        coded={s: up[i] for s, i in coded.items()},
+        wf=up[wf], bf=up[bf], wd=up[wd], bd=up[bd], wr=up[wr], br=up[br],
+        widths=widths, cp=cp, gp=gp, op=op,
+    )  # fmt: skip
 
 
 _PACK_CACHE: weakref.WeakKeyDictionary[N2LModel, tuple] = weakref.WeakKeyDictionary()
 
 
-def _packed(model: N2LModel) -> _Packed:
-    """Packed weights, rebuilt when a parameter is replaced or modified in place."""
+def _packed(net: N2LModel | Weights, device: torch.device | str | None) -> _Packed:
+    """Packed weights on `device` (default: where the tensors are). A model's are cached and
+    rebuilt when a parameter is replaced or modified in place."""
+    if device is None:
+        device = net.tensors()[0].device if isinstance(net, Weights) else next(net.parameters()).device
+    device = torch.device(device)
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError("the Triton decoder runs on a CUDA device (or with TRITON_INTERPRET=1)")
+    if isinstance(net, Weights):
+        return _pack(net, device)
     try:
-        key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        key = (device, *((p.data_ptr(), p._version) for p in net.parameters()))
     except RuntimeError:  # inference-mode tensors have no version counter: don't cache
-        return _pack(model)
-    hit = _PACK_CACHE.get(model)
+        return _pack(net.weights(), device)
+    hit = _PACK_CACHE.get(net)
     if hit is not None and hit[0] == key:
         return hit[1]
-    packed = _pack(model)
-    _PACK_CACHE[model] = (key, packed)
+    packed = _pack(net.weights(), device)
+    _PACK_CACHE[net] = (key, packed)
     return packed
-
-
-def _device_of(model: N2LModel) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type != "cuda" and not interpreted():
-        raise RuntimeError("the Triton decoder needs the model on a CUDA device (or TRITON_INTERPRET=1)")
 
 
 def _on(device: torch.device):
@@ -462,21 +478,17 @@ def noise_triton(seed: int, scale: int, channels: int, height: int, width: int, 
     return out
 
 
-def _latent_buffer(model: N2LModel, seed: int, height: int, width: int, tiles: Tiles) -> torch.Tensor:
-    cfg = model.config
-    device = _device_of(model)
-    _check_device(device)
-    packed = _packed(model)
+def _latent_buffer(packed: _Packed, cfg: ModelConfig, seed: int, height: int, width: int, tiles: Tiles) -> torch.Tensor:
     offsets = scale_offsets(cfg, height, width)
     # The kernels index with int32 (cheaper than int64 on the GPU).
     if max(offsets[-1], height * width * cfg.out_channels) >= 2**31:
         raise ValueError(
             f"{width}x{height} with {cfg.latent_channels} latent channels is too large for int32 indexing"
         )
-    lat = torch.empty(offsets[-1], dtype=torch.float32, device=device)
+    lat = torch.empty(offsets[-1], dtype=torch.float32, device=packed.device)
     for s in reversed(range(cfg.n_scales)):
         if cfg.is_coded(s):  # hybrid mode: the latent was transmitted
-            lat[offsets[s] : offsets[s + 1]] = model.coded_latent(s).detach().float().reshape(-1)
+            lat[offsets[s] : offsets[s + 1]] = packed.coded[s]
             continue
         hs, ws = scale_shape(height, width, s)
         coarser = s < cfg.n_scales - 1
@@ -493,13 +505,14 @@ def _latent_buffer(model: N2LModel, seed: int, height: int, width: int, tiles: T
 
 
 def latents_triton(
-    model: N2LModel, seed: int, height: int, width: int, tiles: Tiles | None = None
+    net: N2LModel | Weights, seed: int, height: int, width: int, tiles: Tiles | None = None, device=None
 ) -> list[torch.Tensor]:
     """The latents y_s, finest first, each [1, C, h_s, w_s] (like N2LModel.latents)."""
-    cfg = model.config
+    cfg = net.config
     tiles = tiles or Tiles.default(cfg.synth_residual)
-    with torch.no_grad(), _on(_device_of(model)):
-        lat = _latent_buffer(model, seed, height, width, tiles)
+    packed = _packed(net, device)
+    with torch.no_grad(), _on(packed.device):
+        lat = _latent_buffer(packed, cfg, seed, height, width, tiles)
     offsets = scale_offsets(cfg, height, width)
     return [
         lat[offsets[s] : offsets[s + 1]].view(1, cfg.latent_channels, *scale_shape(height, width, s))
@@ -508,10 +521,8 @@ def latents_triton(
 
 
 def _synthesize(
-    model: N2LModel, lat: torch.Tensor, height: int, width: int, tiles: Tiles, out_float: bool
+    packed: _Packed, cfg: ModelConfig, lat: torch.Tensor, height: int, width: int, tiles: Tiles, out_float: bool
 ) -> torch.Tensor:
-    cfg = model.config
-    packed = _packed(model)
     r = cfg.synth_residual
     if tiles.synth_th <= 2 * r or tiles.synth_tw <= 2 * r:
         raise ValueError(
@@ -532,21 +543,23 @@ def _synthesize(
 
 
 def synthesis_triton(
-    model: N2LModel, ys: list[torch.Tensor], height: int, width: int, tiles: Tiles | None = None
+    net: N2LModel | Weights, ys: list[torch.Tensor], height: int, width: int, tiles: Tiles | None = None
 ) -> torch.Tensor:
     """Synthesis of given latents (finest first, [1, C, h_s, w_s]) -> float32 [1, C_out, H, W], unclamped."""
-    tiles = tiles or Tiles.default(model.config.synth_residual)
-    _check_device(_device_of(model))
-    with torch.no_grad(), _on(_device_of(model)):
+    tiles = tiles or Tiles.default(net.config.synth_residual)
+    packed = _packed(net, ys[0].device)
+    with torch.no_grad(), _on(packed.device):
         lat = torch.cat([y.detach().float().reshape(-1) for y in ys])
-        return _synthesize(model, lat, height, width, tiles, out_float=True)[None]
+        return _synthesize(packed, net.config, lat, height, width, tiles, out_float=True)[None]
 
 
 def decode_triton(
-    model: N2LModel, seed: int, height: int, width: int, tiles: Tiles | None = None
+    net: N2LModel | Weights, seed: int, height: int, width: int, tiles: Tiles | None = None, device=None
 ) -> torch.Tensor:
-    """Decode to uint8 [H, W, C_out] on the model's device: GPP launches + one synthesis launch."""
-    tiles = tiles or Tiles.default(model.config.synth_residual)
-    with torch.no_grad(), _on(_device_of(model)):
-        lat = _latent_buffer(model, seed, height, width, tiles)
-        return _synthesize(model, lat, height, width, tiles, out_float=False)
+    """Decode to uint8 [H, W, C_out] on `device` (default: the weights' device): GPP launches +
+    one synthesis launch."""
+    tiles = tiles or Tiles.default(net.config.synth_residual)
+    packed = _packed(net, device)
+    with torch.no_grad(), _on(packed.device):
+        lat = _latent_buffer(packed, net.config, seed, height, width, tiles)
+        return _synthesize(packed, net.config, lat, height, width, tiles, out_float=False)

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from .model import N2LModel
+from .model import N2LModel, Weights
 
 try:
     from . import _core
@@ -77,16 +77,13 @@ def noise_block(seed: int, scale: int, channels: int, y0: int, x0: int, height: 
     return out
 
 
-def _layer_arrays(model: N2LModel) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Float32 C-contiguous weights [out, in, k, k] and biases of every layer, bitstream order."""
-    weights, biases = [], []
-    for _, conv in model.named_layers():
-        weights.append(np.ascontiguousarray(conv.weight.detach().to("cpu", torch.float32).numpy()))
-        biases.append(np.ascontiguousarray(conv.bias.detach().to("cpu", torch.float32).numpy()))
-    return weights, biases
+def _array(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
 
 
-def decode_cpu(model: N2LModel, seed: int, height: int, width: int, threads: int | None = None) -> np.ndarray:
+def decode_cpu(
+    net: N2LModel | Weights, seed: int, height: int, width: int, threads: int | None = None
+) -> np.ndarray:
     """Decode with the C++ core: uint8 [height, width, out_channels]. threads=None uses all cores.
 
     Equal (within one level on rare pixels) to ``to_uint8(model(model.noise(seed, H, W)))``
@@ -95,9 +92,10 @@ def decode_cpu(model: N2LModel, seed: int, height: int, width: int, threads: int
     core = _require_core()
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    cfg = model.config
-    weights, biases = _layer_arrays(model)
-    coded = [np.ascontiguousarray(y.detach().to("cpu", torch.float32).numpy()[0]) for y in model.coded]
+    weights = net.weights() if isinstance(net, N2LModel) else net
+    cfg = weights.config
+    layers = weights.layers.values()  # bitstream order
+    coded = [_array(y)[0] for y in weights.coded]
     out = np.empty((height, width, cfg.out_channels), dtype=np.uint8)
     core.decode(
         seed & 0xFFFFFFFF,
@@ -111,8 +109,8 @@ def decode_cpu(model: N2LModel, seed: int, height: int, width: int, threads: int
         list(cfg.synth_hidden),
         cfg.synth_residual,
         cfg.out_channels,
-        weights,
-        biases,
+        [_array(w) for w, _ in layers],
+        [_array(b) for _, b in layers],
         coded,
         out,
         default_threads() if threads is None else max(1, int(threads)),

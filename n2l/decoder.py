@@ -17,7 +17,7 @@ import torch
 
 from . import bitstream
 from .bitstream import FormatError
-from .model import N2LModel, to_uint8
+from .model import N2LModel, Weights, to_uint8
 from .weights import decode_tensors, dequantize
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
@@ -62,38 +62,54 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def reconstruct(
-    model: N2LModel,
+    net: N2LModel | Weights,
     seed: int,
     height: int,
     width: int,
     backend: str = "torch",
     threads: int | None = None,
+    device: torch.device | None = None,
 ) -> np.ndarray:
-    """Run a network (weights already dequantized, on its device) to uint8 pixels [H, W, C]."""
+    """Run a network to uint8 pixels [H, W, C]. The torch backend needs an N2LModel (on its
+    device); the others also take bare Weights, and triton runs on `device` (default: the
+    tensors' device)."""
     if backend == "torch":
         # cuDNN would use TF32 on Ampere+ by default: the reference must stay exact float32.
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            image = model(model.noise(seed, height, width))
+            image = net(net.noise(seed, height, width))
             return to_uint8(image).cpu().numpy()
     module = _backend_module(backend)
     if backend == "triton":
-        return module.decode_triton(model, seed, height, width).cpu().numpy()
-    return module.decode_cpu(model, seed, height, width, threads=threads)
+        return module.decode_triton(net, seed, height, width, device=device).cpu().numpy()
+    return module.decode_cpu(net, seed, height, width, threads=threads)
 
 
-def load_model(buf: bytes, device: torch.device | str = "cpu") -> tuple[bitstream.Header, N2LModel]:
-    """Parse a bitstream and rebuild its network with dequantized float32 weights."""
+def _dequantized(buf: bytes) -> tuple[bitstream.Header, torch.Tensor, list[tuple[int, ...]]]:
+    """Parse a bitstream: its header, every tensor dequantized into one flat float32 CPU tensor
+    (bitstream order), and their shapes."""
     header, payload = bitstream.read(buf)
     shapes = bitstream.tensor_shapes(header.config, header.height, header.width)
     try:
         qs = decode_tensors(payload, list(header.codes), shapes)
     except Exception as e:  # constriction rejects payloads that cannot be decoded
         raise FormatError(f"corrupted weight payload: {e}") from None
+    # In numpy: one small op per tensor is several times cheaper than in torch.
+    flat = np.concatenate([dequantize(q, code.exponent).reshape(-1) for q, code in zip(qs, header.codes)])
+    return header, torch.from_numpy(flat), shapes
+
+
+def load_weights(buf: bytes) -> tuple[bitstream.Header, Weights]:
+    """Parse a bitstream into its dequantized float32 tensors on the CPU (no nn.Module built)."""
+    header, flat, shapes = _dequantized(buf)
+    return header, Weights.from_flat(header.config, flat, shapes)
+
+
+def load_model(buf: bytes, device: torch.device | str = "cpu") -> tuple[bitstream.Header, N2LModel]:
+    """Parse a bitstream and rebuild its network with dequantized float32 weights."""
+    header, flat, _ = _dequantized(buf)
     model = N2LModel(header.config, header.height, header.width)
-    params = list(model.parameters())  # bitstream order
-    flat = torch.cat([dequantize(q, code.exponent, p.shape).reshape(-1) for p, q, code in zip(params, qs, header.codes)])
     # One upload (not one per tensor): the parameters become views of it.
-    torch.nn.utils.vector_to_parameters(flat.to(device), params)
+    torch.nn.utils.vector_to_parameters(flat.to(device), model.parameters())
     return header, model.eval()
 
 
@@ -110,5 +126,8 @@ def decode(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     backend = resolve_backend(backend, device)
-    header, model = load_model(buf, device)
-    return reconstruct(model, header.seed, header.height, header.width, backend, threads)
+    if backend == "torch":
+        header, net = load_model(buf, device)
+    else:  # the kernels read packed copies of the weights: no nn.Module needed
+        header, net = load_weights(buf)
+    return reconstruct(net, header.seed, header.height, header.width, backend, threads, device)

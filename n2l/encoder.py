@@ -244,6 +244,11 @@ def _straight_through(params: dict[str, torch.Tensor], exponents: list[int]) -> 
     return out
 
 
+def _dequantize_like(q: np.ndarray, exponent: int, like: torch.Tensor) -> torch.Tensor:
+    """Dequantized integers with the shape and device of the float tensor they quantize."""
+    return torch.from_numpy(dequantize(q, exponent)).view(like.shape).to(like.device)
+
+
 class _Quantizer:
     """Evaluates MSE + lambda * bpp of the network quantized with given per-tensor exponents."""
 
@@ -273,7 +278,7 @@ class _Quantizer:
             params, bits = {}, 0.0
             for (name, p), e in zip(self.float_params.items(), exponents):
                 q, _, b = self.tensor(name, e)
-                params[name] = dequantize(q, e, p.shape).to(p.device)
+                params[name] = _dequantize_like(q, e, p)
                 bits += b
             out = functional_call(self.t.model, params, (self.t.noise,))
             pixels = torch.round(out.clamp(0, 1) * 255) / 255  # what the decoder outputs
@@ -334,7 +339,7 @@ class _Refinement:
         params = {}
         for (name, p), e in zip(quantizer.float_params.items(), exponents):
             q = quantizer.tensor(name, e)[0]
-            params[name] = dequantize(q, e, p.shape).to(p.device).requires_grad_(name.startswith("coded."))
+            params[name] = _dequantize_like(q, e, p).requires_grad_(name.startswith("coded."))
         self.names = [n for n in params if n.startswith("coded.")]
         self.exponent = dict(zip(params, exponents))
         leaves = [params[n] for n in self.names]
@@ -423,7 +428,7 @@ class _Refinement:
             picked = self.where[0, values] == k
             q = quantizer.tensor(name, e)[0].copy()
             q.ravel()[self.where[1, values[picked]]] += directions[picked]
-            float_params[name] = dequantize(q, e, float_params[name].shape).to(float_params[name].device)
+            float_params[name] = _dequantize_like(q, e, float_params[name])
         refined = _Quantizer(quantizer.t, float_params)
         refined.lmbda = quantizer.lmbda
         refined.cache = {key: entry for key, entry in quantizer.cache.items() if key[0] not in changed}

@@ -22,6 +22,7 @@ semantics (half-pixel centres, clamped at the edges), see `upsample`.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -250,6 +251,10 @@ class N2LModel(nn.Module):
         """The transmitted latent of a coded scale, [1, C, h_s, w_s]."""
         return self.coded[self.config.n_scales - 1 - scale]
 
+    def weights(self) -> Weights:
+        """Its tensors (detached views), for the C++ and Triton backends."""
+        return Weights.from_tensors(self.config, [p.detach() for p in self.parameters()])
+
     def latents(self, noise: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """GPP + reparameterization: noise pyramid -> latents y_s, lists of [B, C, h_s, w_s].
 
@@ -300,6 +305,46 @@ class N2LModel(nn.Module):
                                                      *scale_shape(height, width, s), device=device)[None]
             for s in range(cfg.n_scales)
         ]
+
+
+@dataclass(frozen=True, eq=False)
+class Weights:
+    """The tensors of one decoder network without an nn.Module: what the C++ and Triton backends
+    read (building N2LModel costs about 0.5 ms of Python per decode, more than the C++ core's
+    whole 256x256 decode would like to spend)."""
+
+    config: ModelConfig
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (weight [out, in, k, k], bias [out])
+    coded: list[torch.Tensor]  # transmitted latents [1, C, h_s, w_s], coarsest first
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, tensors: list[torch.Tensor]) -> Weights:
+        """From every coded tensor in bitstream order (see N2LModel)."""
+        names = [name for name, *_ in config.layer_shapes()]
+        layers = {name: (tensors[2 * i], tensors[2 * i + 1]) for i, name in enumerate(names)}
+        return cls(config, layers, [t.reshape(1, *t.shape[-3:]) for t in tensors[2 * len(names) :]])
+
+    @classmethod
+    def from_flat(cls, config: ModelConfig, flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> Weights:
+        """Views of one flat tensor that holds every coded tensor in bitstream order."""
+        views = flat.split([math.prod(shape) for shape in shapes])
+        return cls.from_tensors(config, [v.view(shape) for v, shape in zip(views, shapes)])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor in bitstream order."""
+        return [t for pair in self.layers.values() for t in pair] + self.coded
+
+    def cpu(self) -> Weights:
+        """Float32 copies on the CPU, made in one device-to-host transfer (not one per tensor)."""
+        tensors = self.tensors()
+        if all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors):
+            return self
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to("cpu", torch.float32)
+        return Weights.from_flat(self.config, flat, [t.shape for t in tensors])
+
+    def coded_latent(self, scale: int) -> torch.Tensor:
+        """The transmitted latent of a coded scale, [1, C, h_s, w_s]."""
+        return self.coded[self.config.n_scales - 1 - scale]
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

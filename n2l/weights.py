@@ -75,9 +75,9 @@ def quantize(w: torch.Tensor, exponent: int) -> np.ndarray:
     return q.to(torch.int32).cpu().numpy()
 
 
-def dequantize(q: np.ndarray, exponent: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+def dequantize(q: np.ndarray, exponent: int) -> np.ndarray:
     """Integers back to float32 weights q * 2^-exponent (exact: a power-of-two scale)."""
-    return torch.from_numpy(q).reshape(shape).double().mul(2.0**-exponent).float()
+    return (q * 2.0**-exponent).astype(np.float32)
 
 
 def _laplace(code: TensorCode):

@@ -22,6 +22,7 @@ triton = pytest.importorskip("triton")
 
 import n2l.kernels as nk
 
+import n2l
 from n2l.decoder import reconstruct, resolve_backend
 from n2l.model import PRESETS, ModelConfig, N2LModel, to_uint8
 from n2l.noise import noise_block
@@ -142,6 +143,9 @@ def test_noise_bit_exact(seed, scale, channels, height, width):
     got = nk.noise_triton(seed, scale, channels, height, width, DEVICE)
     want = noise_block(seed, scale, channels, 0, 0, height, width, device=DEVICE)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    # torch on the GPU and on the CPU too: the same bits on every device
+    on_cpu = noise_block(seed, scale, channels, 0, 0, height, width, device="cpu")
+    assert torch.equal(want.cpu().view(torch.int32), on_cpu.view(torch.int32))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
@@ -189,6 +193,19 @@ def test_decoder_backend_matches_torch():
     want = reconstruct(model, 77, 19, 24, backend="torch")
     got = reconstruct(model, 77, 19, 24, backend="triton")
     assert got.shape == want.shape == (19, 24, CONFIGS[0].out_channels)
+    assert_pixels_close(torch.from_numpy(got), torch.from_numpy(want))
+
+
+@pytest.mark.parametrize("mode", ["pure", "hybrid"])
+def test_decode_stream(mode: str):
+    """n2l.decode of a real bitstream: Triton (bare weights, packed on the host, one upload)
+    against the torch reference."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 21), torch.linspace(0, 1, 34), indexing="ij")
+    image = (torch.stack([y, x, (x - y).abs()], dim=-1) * 255).round().to(torch.uint8).numpy()
+    buf = n2l.encode(image, quality=3, mode=mode, iterations=20, verbose=False)
+    want = n2l.decode(buf, device=DEVICE, backend="torch")
+    got = n2l.decode(buf, device=DEVICE, backend="triton")
+    assert got.shape == want.shape == image.shape
     assert_pixels_close(torch.from_numpy(got), torch.from_numpy(want))
 
 
