@@ -1,22 +1,27 @@
 """Coder-only ablation: the streams of an `n2l eval` run, their latents coded again with the
-current latent coder.
+current latent coder and written in the current format.
 
     python bench/recode_latents.py bench/results/eval_kodak_crops8_hybrid_8k
 
 Every kept stream (OUTDIR/bitstreams/<image>_q<quality>.n2l) is decoded to its integers, its
 latents' codes are fitted again and the stream is written in the current format. The integers,
 hence the pixels, are the same (checked by decoding the new stream); only the latents' entropy
-model and header fields change. Prints the mean size per quality before and after.
+model and header fields change. Prints the mean size per quality before and after, and the
+dataset BD-rates against the run's other codecs with the old and the new sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import math
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from n2l import bitstream
+from n2l.evaluate.report import REFERENCE, bd_tables, dataset_curve
 from n2l.weights import decode_tensors, encode_tensors, fit_code
 
 
@@ -38,14 +43,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="an n2l eval output folder with bitstreams/")
     args = parser.parse_args()
-    sizes: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    sizes: dict[int, dict[str, tuple[int, int]]] = defaultdict(dict)  # quality -> image -> before, after
     for path in sorted((args.run / "bitstreams").glob("*.n2l")):
-        quality = int(re.search(r"_q(\d+)\.n2l$", path.name).group(1))
+        image, quality = re.fullmatch(r"(.+)_q(\d+)\.n2l", path.name).groups()
         buf = path.read_bytes()
-        sizes[quality].append((len(buf), len(recode(buf))))
+        sizes[int(quality)][image] = (len(buf), len(recode(buf)))
     for quality, pairs in sorted(sizes.items()):
-        before, after = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+        before, after = (sum(p[i] for p in pairs.values()) / len(pairs) for i in (0, 1))
         print(f"quality {quality}: {len(pairs)} streams, {before:.1f} -> {after:.1f} bytes ({after / before - 1:+.1%})")
+    print_bd_rates(args.run / "results.tsv", sizes)
+
+
+def print_bd_rates(results: Path, sizes: dict[int, dict[str, tuple[int, int]]]) -> None:
+    """Dataset BD-rates of n2l against every other codec of the run, before and after."""
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    for r in rows:
+        for key in ("quality", "bytes", "bpp", "psnr", "mse"):
+            r[key] = float(r[key]) if r[key] not in ("", "nan") else math.nan
+    images = sorted({r["image"] for r in rows if r["codec"] == REFERENCE})
+    tables = []
+    for after in (False, True):
+        if after:
+            for r in rows:
+                if r["codec"] == REFERENCE:
+                    new = sizes[int(r["quality"])][r["image"]][1]
+                    r["bpp"] *= new / r["bytes"]
+                    r["bytes"] = new
+        codecs = {r["codec"] for r in rows}
+        curves = {c: dataset_curve([r for r in rows if r["codec"] == c], images) for c in codecs}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tables.append({d["anchor"]: d for d in bd_tables(rows, curves, images)[1]})
+    print("BD-rate of n2l (mean PSNR / PSNR of mean MSE), before -> after:")
+    for anchor in sorted(tables[0]):
+        b, a = tables[0][anchor], tables[1][anchor]
+        print(f"  {anchor:10s} {b['bd_rate_pct_mean_psnr']:+6.1f}% / {b['bd_rate_pct_psnr_of_mean_mse']:+6.1f}%"
+              f"  ->  {a['bd_rate_pct_mean_psnr']:+6.1f}% / {a['bd_rate_pct_psnr_of_mean_mse']:+6.1f}%")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
 """The n2l bitstream: header, seed, per-tensor coding parameters, coded weights, CRC32.
 
-Layout (little-endian; varint = unsigned LEB128, 7 bits per byte, low bits first; see
-docs/FORMAT.md):
+Version 5 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
+significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k), zero-padded to a byte:
 
-    magic "N2L" | version u8 | width u16 | height u16 | channels u8
-    | n_scales u8 | latent_channels u8 | gpp_hidden u8 | gpp_kernel u8 | gpp_kernel_min_scale u8
-    | synth_residual u8 | n_synth_hidden u8 | coded_scales u8 | synth_hidden u8 * n_synth_hidden
-    | seed varint | per layer tensor: exponent u8, scale_code i8, max_abs varint
-    | per coded latent: exponent u8, max_abs varint, and unless max_abs is 0: scale_code i8 of
-      pass A, then for passes B and C: scale_code i8, slope u8, weight u8
-    | payload_len varint | payload | crc32 u32 (of every byte before it)
+    u15 width-1 | u15 height-1 | u1 rgb | eg0 n_scales-1 | eg0 latent_channels-1
+    | eg0 gpp_hidden-1 | u1 gpp_kernel==3 | eg0 gpp_kernel_min_scale | eg0 synth_residual
+    | eg0 n_synth_hidden | u8 synth_hidden-1 each | eg0 coded_scales | eg0 seed
+    | per layer tensor: u5 exponent, eg2 max_abs, u8 scale_code+64 (if max_abs)
+    | per coded latent: u5 exponent, eg1 max_abs, and unless max_abs is 0: u8 scale_code+64 of
+      pass A, then for passes B and C: u8 scale_code+64, eg1 slope, u5 weight
+
+then the payload (the rest, a multiple of 4 bytes) | crc32 u32 (of every byte before it).
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Older streams are still read: version 3 codes latents in two checkerboard passes
-(fields per latent: exponent u8, scale_code i8, max_abs varint, pred_scale_code i8, alpha u8),
-version 2 has fixed-width fields where version 3 has varints (seed and payload_len u32, max_abs
-u16), version 1 also lacks coded_scales (pure mode).
+first. Older streams are still read: version 4 has the same fields byte-aligned (u8, i8 and
+LEB128 varints, with an explicit payload length); version 3 codes latents in two checkerboard
+passes (fields per latent: exponent u8, scale_code i8, max_abs varint, pred_scale_code i8,
+alpha u8), version 2 has fixed-width fields where version 3 has varints (seed and payload_len
+u32, max_abs u16), version 1 also lacks coded_scales (pure mode).
 
 Every field is validated before anything is allocated or decoded; any problem raises
 FormatError with a message that says what was expected and what was found.
@@ -28,11 +30,20 @@ import zlib
 from dataclasses import dataclass
 
 from .model import ModelConfig
-from .weights import MAX_EXPONENT, MAX_SLOPE, SCALE_CODE_RANGE, WEIGHT_ONE, LatentCode, PassCode, TensorCode
+from .weights import (
+    MAX_ABS,
+    MAX_EXPONENT,
+    MAX_SLOPE,
+    SCALE_CODE_RANGE,
+    WEIGHT_ONE,
+    LatentCode,
+    PassCode,
+    TensorCode,
+)
 
 MAGIC = b"N2L"
-VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
@@ -40,6 +51,8 @@ _FIXED_V1 = struct.Struct("<3sBHHB7B")  # magic .. n_synth_hidden
 _FIXED = struct.Struct("<3sBHHB8B")  # magic .. coded_scales
 _U8, _I8, _U16, _U32 = (struct.Struct(f) for f in ("<B", "<b", "<H", "<I"))
 MAX_VARINT_BYTES = 5  # enough for any u32
+_SCALE_CODE_MIN = SCALE_CODE_RANGE[0]  # version 5 stores scale codes as u8 offsets from it
+_MAX_EG_ZEROS = 32  # longest Exp-Golomb prefix of a valid field (any u32 needs fewer)
 
 
 def varint(n: int) -> bytes:
@@ -85,33 +98,67 @@ def tensor_shapes(config: ModelConfig, height: int, width: int) -> list[tuple[in
     return shapes + config.coded_shapes(height, width)
 
 
+class _BitWriter:
+    """Bits, most significant first (the version 5 header)."""
+
+    def __init__(self) -> None:
+        self.value, self.n = 0, 0
+
+    def u(self, bits: int, v: int) -> None:
+        """v in `bits` bits."""
+        if not 0 <= v < 1 << bits:
+            raise ValueError(f"{v} does not fit in {bits} bits")
+        self.value, self.n = self.value << bits | v, self.n + bits
+
+    def eg(self, k: int, v: int) -> None:
+        """Exp-Golomb code of order k of v >= 0: the bits of v + 2^k, after as many zeros as
+        they have bits beyond k + 1."""
+        v += 1 << k
+        self.u(2 * v.bit_length() - k - 1, v)
+
+    def to_bytes(self) -> bytes:
+        """Zero bits pad the last byte."""
+        pad = -self.n % 8
+        return (self.value << pad).to_bytes((self.n + pad) // 8, "big")
+
+
 def write(header: Header, payload: bytes) -> bytes:
     """Serialize a header and its payload into a complete bitstream (current version)."""
     cfg = header.config
-    out = bytearray(
-        _FIXED.pack(
-            MAGIC, VERSION, header.width, header.height, cfg.out_channels,
-            cfg.n_scales, cfg.latent_channels, cfg.gpp_hidden, cfg.gpp_kernel,
-            cfg.gpp_kernel_min_scale, cfg.synth_residual, len(cfg.synth_hidden), cfg.coded_scales,
-        )
-    )
-    out += bytes(cfg.synth_hidden)
-    out += varint(header.seed)
+    w = _BitWriter()
+    w.u(15, header.width - 1)
+    w.u(15, header.height - 1)
+    w.u(1, cfg.out_channels == 3)
+    w.eg(0, cfg.n_scales - 1)
+    w.eg(0, cfg.latent_channels - 1)
+    w.eg(0, cfg.gpp_hidden - 1)
+    w.u(1, cfg.gpp_kernel == 3)
+    w.eg(0, cfg.gpp_kernel_min_scale)
+    w.eg(0, cfg.synth_residual)
+    w.eg(0, len(cfg.synth_hidden))
+    for width in cfg.synth_hidden:
+        w.u(8, width - 1)
+    w.eg(0, cfg.coded_scales)
+    w.eg(0, header.seed)
     for code in header.codes:
+        w.u(5, code.exponent)
         if not isinstance(code, LatentCode):
-            out += _U8.pack(code.exponent) + _I8.pack(code.scale_code) + varint(code.max_abs)
+            w.eg(2, code.max_abs)
+            if code.max_abs:
+                w.u(8, code.scale_code - _SCALE_CODE_MIN)
             continue
         if code.max_abs and len(code.passes) != 3:
-            raise ValueError("latents coded in two checkerboard passes (format 1-3) cannot be written as version 4")
-        out += _U8.pack(code.exponent) + varint(code.max_abs)
+            raise ValueError("latents coded in two checkerboard passes (format 1-3) cannot be written as version 5")
+        w.eg(1, code.max_abs)
         if code.max_abs:
             a, *predicted = code.passes
-            out += _I8.pack(a.scale_code)
+            w.u(8, a.scale_code - _SCALE_CODE_MIN)
             for pc in predicted:
-                out += _I8.pack(pc.scale_code) + _U8.pack(pc.slope) + _U8.pack(pc.weight)
-    out += varint(len(payload)) + payload
-    out += _U32.pack(zlib.crc32(out))
-    return bytes(out)
+                w.u(8, pc.scale_code - _SCALE_CODE_MIN)
+                w.eg(1, pc.slope)
+                w.u(5, pc.weight)
+    out = MAGIC + _U8.pack(VERSION) + w.to_bytes() + payload
+    return out + _U32.pack(zlib.crc32(out))
 
 
 class _Reader:
@@ -146,9 +193,146 @@ class _Reader:
         return self.one(fmt, what) if version < 3 else self.varint(what, 256 ** fmt.size - 1)
 
 
+class _BitReader:
+    """Reads what _BitWriter wrote, from byte `pos` of `buf`; FormatError past the end."""
+
+    def __init__(self, buf: bytes, pos: int):
+        self.buf, self.bit = buf, 8 * pos
+
+    def u(self, bits: int, what: str) -> int:
+        if self.bit + bits > 8 * len(self.buf):
+            raise FormatError(f"truncated bitstream: {what} needs {bits} bits at bit {self.bit}, "
+                              f"only {8 * len(self.buf) - self.bit} left")
+        first, last = self.bit >> 3, (self.bit + bits + 7) >> 3
+        chunk = int.from_bytes(self.buf[first:last], "big") >> (8 * last - self.bit - bits)
+        self.bit += bits
+        return chunk & ((1 << bits) - 1)
+
+    def eg(self, k: int, what: str, limit: int) -> int:
+        zeros = 0
+        while not self.u(1, what):
+            zeros += 1
+            _check(zeros <= _MAX_EG_ZEROS, f"{what}: Exp-Golomb prefix longer than {_MAX_EG_ZEROS} bits")
+        value = (1 << (zeros + k) | self.u(zeros + k, what)) - (1 << k)
+        _check(value <= limit, f"{what} {value} out of range (at most {limit})")
+        return value
+
+    def byte_align(self) -> int:
+        """Skip the zero padding to the next byte; returns that byte's offset."""
+        pad = -self.bit % 8
+        _check(self.u(pad, "padding") == 0, "nonzero padding bits after the header")
+        return self.bit >> 3
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise FormatError(message)
+
+
+def _config(width: int, height: int, channels: int, synth_hidden: tuple[int, ...], **fields: int) -> ModelConfig:
+    """The architecture from header fields, validated (sizes before anything is allocated)."""
+    _check(1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE,
+           f"image size {width}x{height} out of range (1..{MAX_SIDE} per side)")
+    _check(width * height <= MAX_PIXELS, f"image size {width}x{height} exceeds {MAX_PIXELS} pixels")
+    _check(channels in (1, 3), f"unsupported channel count {channels} (expected 1 or 3)")
+    _check(len(synth_hidden) <= 8, f"{len(synth_hidden)} synthesis hidden layers (at most 8)")
+    try:
+        config = ModelConfig(synth_hidden=synth_hidden, out_channels=channels, **fields)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+    n_coded = sum(c * h * w for c, h, w in config.coded_shapes(height, width))
+    _check(n_coded <= MAX_CODED_ELEMENTS,
+           f"{n_coded} transmitted latent values exceed this decoder's limit of {MAX_CODED_ELEMENTS}")
+    return config
+
+
+def _read_byte_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, int, list]:
+    """Versions 1-4: byte-aligned fields; `r` ends at the payload."""
+    r.pos = 0
+    (_, _, width, height, channels, n_scales, latent_channels, gpp_hidden, gpp_kernel,
+     gpp_kernel_min_scale, synth_residual, n_hidden, *coded) = r.unpack(_FIXED_V1 if version == 1 else _FIXED, "header")
+    _check(n_hidden <= 8, f"{n_hidden} synthesis hidden layers (at most 8)")
+    config = _config(
+        width, height, channels, tuple(r.take(n_hidden, "synthesis widths")), n_scales=n_scales,
+        latent_channels=latent_channels, gpp_hidden=gpp_hidden, gpp_kernel=gpp_kernel,
+        gpp_kernel_min_scale=gpp_kernel_min_scale, synth_residual=synth_residual,
+        coded_scales=coded[0] if coded else 0,
+    )
+    seed = r.unsigned(version, _U32, "seed")
+    codes = []
+    n_layer_tensors = 2 * len(config.layer_shapes())
+    for i in range(n_layer_tensors + config.coded_scales):
+        what = f"coding parameters of tensor {i}"
+        if i < n_layer_tensors:
+            exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
+            codes.append(TensorCode(exponent, scale_code, r.unsigned(version, _U16, f"tensor {i}: max_abs")))
+        elif version < 4:
+            exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
+            max_abs = r.unsigned(version, _U16, f"tensor {i}: max_abs")
+            pred_scale_code, alpha = r.one(_I8, what), r.one(_U8, what)
+            codes.append(LatentCode(exponent, max_abs, (PassCode(scale_code), PassCode(pred_scale_code, 0, alpha))))
+        else:
+            exponent, max_abs = r.one(_U8, what), r.unsigned(version, _U16, f"tensor {i}: max_abs")
+            passes = [PassCode(0), PassCode(0), PassCode(0)]
+            if max_abs:
+                passes = [PassCode(r.one(_I8, what))]
+                passes += [PassCode(r.one(_I8, what), r.one(_U8, what), r.one(_U8, what)) for _ in range(2)]
+            codes.append(LatentCode(exponent, max_abs, tuple(passes)))
+        _check_code(i, codes[-1])
+    payload_len = r.unsigned(version, _U32, "payload length")
+    remaining = len(r.buf) - r.pos
+    _check(payload_len + 4 <= remaining,
+           f"truncated bitstream: payload of {payload_len} bytes + 4-byte CRC, only {remaining} bytes left")
+    _check(payload_len + 4 == remaining,
+           f"{remaining - payload_len - 4} unexpected bytes after the end of the bitstream")
+    return width, height, config, seed, codes
+
+
+def _read_bit_header(r: _Reader) -> tuple[int, int, ModelConfig, int, list]:
+    """Version 5: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
+    b = _BitReader(r.buf, r.pos)
+    width, height = b.u(15, "width") + 1, b.u(15, "height") + 1
+    channels = 3 if b.u(1, "channels") else 1
+    fields = dict(
+        n_scales=b.eg(0, "n_scales", 255) + 1, latent_channels=b.eg(0, "latent_channels", 255) + 1,
+        gpp_hidden=b.eg(0, "gpp_hidden", 255) + 1, gpp_kernel=3 if b.u(1, "gpp_kernel") else 1,
+        gpp_kernel_min_scale=b.eg(0, "gpp_kernel_min_scale", 255), synth_residual=b.eg(0, "synth_residual", 255),
+    )
+    n_hidden = b.eg(0, "number of synthesis hidden layers", 8)
+    synth_hidden = tuple(b.u(8, "synthesis width") + 1 for _ in range(n_hidden))
+    config = _config(width, height, channels, synth_hidden, coded_scales=b.eg(0, "coded_scales", 255), **fields)
+    seed = b.eg(0, "seed", 2**32 - 1)
+    codes = []
+    n_layer_tensors = 2 * len(config.layer_shapes())
+    for i in range(n_layer_tensors + config.coded_scales):
+        what = f"coding parameters of tensor {i}"
+        exponent = b.u(5, what)
+        if i < n_layer_tensors:
+            max_abs = b.eg(2, f"tensor {i}: max_abs", MAX_ABS)
+            scale_code = b.u(8, what) + _SCALE_CODE_MIN if max_abs else 0
+            codes.append(TensorCode(exponent, scale_code, max_abs))
+        else:
+            max_abs = b.eg(1, f"tensor {i}: max_abs", MAX_ABS)
+            passes = [PassCode(0), PassCode(0), PassCode(0)]
+            if max_abs:
+                passes = [PassCode(b.u(8, what) + _SCALE_CODE_MIN)]
+                passes += [PassCode(b.u(8, what) + _SCALE_CODE_MIN, b.eg(1, f"tensor {i}: slope", MAX_SLOPE),
+                                    b.u(5, what)) for _ in range(2)]  # fmt: skip
+            codes.append(LatentCode(exponent, max_abs, tuple(passes)))
+        _check_code(i, codes[-1])
+    r.pos = b.byte_align()
+    payload_len = len(r.buf) - 4 - r.pos
+    _check(payload_len >= 0, "truncated bitstream: no room for the 4-byte CRC after the header")
+    return width, height, config, seed, codes
+
+
+def _check_code(i: int, code: TensorCode | LatentCode) -> None:
+    lo, hi = SCALE_CODE_RANGE
+    _check(code.exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {code.exponent} > {MAX_EXPONENT}")
+    for pc in code.passes if isinstance(code, LatentCode) else [PassCode(code.scale_code)]:
+        _check(lo <= pc.scale_code <= hi, f"tensor {i}: Laplace scale code {pc.scale_code} outside {lo}..{hi}")
+        _check(pc.slope <= MAX_SLOPE, f"tensor {i}: context slope {pc.slope} > {MAX_SLOPE}")
+        _check(pc.weight <= WEIGHT_ONE, f"tensor {i}: prediction weight {pc.weight} > {WEIGHT_ONE}")
 
 
 def read(buf: bytes) -> tuple[Header, bytes]:
@@ -162,64 +346,9 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     version = r.one(_U8, "version")
     _check(version in READABLE_VERSIONS,
            f"unsupported n2l format version {version} (this decoder reads {READABLE_VERSIONS})")
-    r.pos = 0
-    (_, _, width, height, channels, n_scales, latent_channels, gpp_hidden, gpp_kernel,
-     gpp_kernel_min_scale, synth_residual, n_hidden, *coded) = r.unpack(_FIXED_V1 if version == 1 else _FIXED, "header")
-    coded_scales = coded[0] if coded else 0
-    _check(1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE,
-           f"image size {width}x{height} out of range (1..{MAX_SIDE} per side)")
-    _check(width * height <= MAX_PIXELS, f"image size {width}x{height} exceeds {MAX_PIXELS} pixels")
-    _check(channels in (1, 3), f"unsupported channel count {channels} (expected 1 or 3)")
-    _check(n_hidden <= 8, f"{n_hidden} synthesis hidden layers (at most 8)")
-    synth_hidden = tuple(r.take(n_hidden, "synthesis widths"))
-    try:
-        config = ModelConfig(
-            n_scales=n_scales, latent_channels=latent_channels, gpp_hidden=gpp_hidden,
-            gpp_kernel=gpp_kernel, gpp_kernel_min_scale=gpp_kernel_min_scale,
-            synth_hidden=synth_hidden, synth_residual=synth_residual, out_channels=channels,
-            coded_scales=coded_scales,
-        )
-    except ValueError as e:
-        raise FormatError(str(e)) from None
-    n_coded = sum(c * h * w for c, h, w in config.coded_shapes(height, width))
-    _check(n_coded <= MAX_CODED_ELEMENTS,
-           f"{n_coded} transmitted latent values exceed this decoder's limit of {MAX_CODED_ELEMENTS}")
-    seed = r.unsigned(version, _U32, "seed")
-    codes = []
-    lo, hi = SCALE_CODE_RANGE
-    n_layer_tensors = 2 * len(config.layer_shapes())
-    for i in range(n_layer_tensors + config.coded_scales):
-        what = f"coding parameters of tensor {i}"
-        if i < n_layer_tensors:
-            exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
-            codes.append(TensorCode(exponent, scale_code, r.unsigned(version, _U16, f"tensor {i}: max_abs")))
-            passes = [PassCode(scale_code)]
-        elif version < 4:
-            exponent, scale_code = r.one(_U8, what), r.one(_I8, what)
-            max_abs = r.unsigned(version, _U16, f"tensor {i}: max_abs")
-            pred_scale_code, alpha = r.one(_I8, what), r.one(_U8, what)
-            passes = [PassCode(scale_code), PassCode(pred_scale_code, 0, alpha)]
-            codes.append(LatentCode(exponent, max_abs, tuple(passes)))
-        else:
-            exponent, max_abs = r.one(_U8, what), r.unsigned(version, _U16, f"tensor {i}: max_abs")
-            passes = [PassCode(0), PassCode(0), PassCode(0)]
-            if max_abs:
-                passes = [PassCode(r.one(_I8, what))]
-                passes += [PassCode(r.one(_I8, what), r.one(_U8, what), r.one(_U8, what)) for _ in range(2)]
-            codes.append(LatentCode(exponent, max_abs, tuple(passes)))
-        _check(exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {exponent} > {MAX_EXPONENT}")
-        for pc in passes:
-            _check(lo <= pc.scale_code <= hi, f"tensor {i}: Laplace scale code {pc.scale_code} outside {lo}..{hi}")
-            _check(pc.slope <= MAX_SLOPE, f"tensor {i}: context slope {pc.slope} > {MAX_SLOPE}")
-            _check(pc.weight <= WEIGHT_ONE, f"tensor {i}: prediction weight {pc.weight} > {WEIGHT_ONE}")
-    payload_len = r.unsigned(version, _U32, "payload length")
-    _check(payload_len % 4 == 0, f"payload length {payload_len} is not a multiple of 4")
-    remaining = len(buf) - r.pos
-    _check(payload_len + 4 <= remaining,
-           f"truncated bitstream: payload of {payload_len} bytes + 4-byte CRC, only {remaining} bytes left")
-    _check(payload_len + 4 == remaining,
-           f"{remaining - payload_len - 4} unexpected bytes after the end of the bitstream")
-    payload = r.take(payload_len, "payload")
+    width, height, config, seed, codes = _read_byte_header(r, version) if version < 5 else _read_bit_header(r)
+    payload = r.take(len(buf) - 4 - r.pos, "payload")
+    _check(len(payload) % 4 == 0, f"payload length {len(payload)} is not a multiple of 4")
     crc = r.one(_U32, "CRC32")
     actual = zlib.crc32(buf[: r.pos - 4])
     _check(crc == actual, f"checksum mismatch (stored {crc:08x}, computed {actual:08x}): corrupted bitstream")

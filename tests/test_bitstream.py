@@ -75,6 +75,17 @@ def test_golden_hybrid_file():
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == golden.with_suffix(".sha256").read_text().split()[0]
 
 
+def test_golden_v4_hybrid_file():
+    """A committed version-4 hybrid stream (the previous format: byte-aligned header) written
+    again as the current version: the same tensors and payload, fewer bytes, the same pixels."""
+    buf = GOLDEN.with_name("golden_v4_hybrid.n2l").read_bytes()
+    assert buf[3] == 4
+    again = _assert_rewrites_to_current_version(buf)
+    assert len(again) < len(buf) - 20
+    np.testing.assert_array_equal(n2l.decode(again, device="cpu", backend="torch"),
+                                  n2l.decode(buf, device="cpu", backend="torch"))
+
+
 def _decode_or_format_error(buf: bytes) -> None:
     try:
         n2l.decode(buf, device="cpu", backend="torch")
@@ -111,45 +122,83 @@ def test_corrupted_payload_with_valid_crc_never_crashes(tiny_stream):
     for _ in range(30):
         junk = rng.integers(0, 256, len(payload), dtype=np.uint8).tobytes()
         _decode_or_format_error(_with_crc(body[:start] + junk))
-    for n in range(0, len(payload), 4):  # shortened payload, consistent length field
-        shortened = body[: start - len(bitstream.varint(len(payload)))] + bitstream.varint(n) + payload[:n]
-        _decode_or_format_error(_with_crc(shortened))
+    for n in range(0, len(payload), 4):  # shortened payload
+        _decode_or_format_error(_with_crc(body[: start + n]))
+
+
+def _v5(fields: list[tuple[str, int, int]], version: int = bitstream.VERSION) -> bytes:
+    """A version-5 header from (kind, k or bits, value) fields ("u" or "eg"), padded, with a CRC:
+    bytes the writer refuses to produce."""
+    w = bitstream._BitWriter()
+    for kind, n, value in fields:
+        w.u(n, value) if kind == "u" else w.eg(n, value)
+    return _with_crc(bitstream.MAGIC + bytes([version]) + w.to_bytes())
+
+
+def _fields(width=12, height=10, n_scales=7, hidden=(8,), coded=0, codes=()) -> list[tuple[str, int, int]]:
+    """Header fields (docs/FORMAT.md, version 5) of an RGB image, 2 latent channels, GPP 8 wide
+    with 3x3 kernels from scale 2, no residual layers and seed 0; then `codes`."""
+    return [
+        ("u", 15, width - 1), ("u", 15, height - 1), ("u", 1, 1),
+        ("eg", 0, n_scales - 1), ("eg", 0, 1), ("eg", 0, 7), ("u", 1, 1),
+        ("eg", 0, 2), ("eg", 0, 0), ("eg", 0, len(hidden)), *(("u", 8, h - 1) for h in hidden),
+        ("eg", 0, coded), ("eg", 0, 0), *codes,
+    ]  # fmt: skip
+
+
+def test_helper_header_is_valid_up_to_its_codes():
+    """The hand-built header of the tests below parses up to its (absent) codes, so each of
+    those tests breaks exactly one field."""
+    with pytest.raises(FormatError, match="truncated bitstream: coding parameters of tensor"):
+        bitstream.read(_v5(_fields()))
 
 
 @pytest.mark.parametrize(
-    "offset,value,message",
+    "fields,version,message",
     [
-        (0, b"X", "magic"),
-        (3, b"\x05", "version"),
-        (4, b"\x00\x00", "size"),  # width 0
-        (6, b"\xff\xff", "size"),  # height 65535
-        (8, b"\x02", "channel"),
-        (9, b"\x00", "n_scales"),
-        (12, b"\x05", "gpp_kernel"),
-        (15, b"\x09", "hidden"),
-        (16, b"\x08", "coded_scales"),  # more coded scales than the 7 scales
+        (_fields(), 6, "version"),
+        (_fields(width=32768, height=32768), 5, "exceeds"),
+        (_fields(n_scales=13), 5, "n_scales"),
+        (_fields(hidden=(8,) * 9), 5, "hidden layers 9 out of range"),
+        (_fields(coded=8), 5, "coded_scales"),
+        (_fields(codes=[("u", 5, 25)]), 5, "exponent 25"),
+        (_fields(codes=[("u", 5, 3), ("eg", 2, 65536)]), 5, "max_abs 65536 out of range"),
+        (_fields(codes=[("u", 5, 3)] + [("u", 1, 0)] * 40), 5, "prefix longer than"),
+        (_fields(width=16384, height=4096, coded=7), 5, "latent values exceed"),  # 10^8 values
     ],
 )
-def test_bad_header_fields(tiny_stream, offset, value, message):
-    body = bytearray(tiny_stream[:-4])
-    body[offset : offset + len(value)] = value
+def test_bad_header_fields(fields, version, message):
+    """Every field is checked before anything is allocated."""
     with pytest.raises(FormatError, match=message):
-        bitstream.read(_with_crc(bytes(body)))
+        bitstream.read(_v5(fields, version))
 
 
-def test_absurd_dimensions_rejected_before_allocation(tiny_stream):
-    body = bytearray(tiny_stream[:-4])
-    body[4:8] = struct.pack("<HH", 32768, 32768)  # 1 Gpixel: above MAX_PIXELS
-    with pytest.raises(FormatError, match="exceeds"):
-        bitstream.read(_with_crc(bytes(body)))
+def test_bad_latent_fields():
+    """Slope and prediction weight of a coded latent (every scale coded: no GPP layers)."""
+    cfg = n2l.ModelConfig(n_scales=7, latent_channels=2, gpp_hidden=8, gpp_kernel=3, gpp_kernel_min_scale=2,
+                          synth_residual=0, synth_hidden=(8,), out_channels=3, coded_scales=7)
+    layers = [("u", 5, 0), ("eg", 2, 0)] * 2 * len(cfg.layer_shapes())  # all-zero tensors
+    base = _fields(coded=7, codes=layers)
+    latent = [("u", 5, 0), ("eg", 1, 3), ("u", 8, 64), ("u", 8, 64)]  # e, max_abs, A's and B's scale codes
+    with pytest.raises(FormatError, match="slope 33 out of range"):
+        bitstream.read(_v5(base + latent + [("eg", 1, 33)]))
+    with pytest.raises(FormatError, match="prediction weight 17"):
+        bitstream.read(_v5(base + latent + [("eg", 1, 2), ("u", 5, 17)]))
 
 
-def test_absurd_coded_latents_rejected_before_allocation(tiny_stream):
-    body = bytearray(tiny_stream[:-4])
-    body[4:8] = struct.pack("<HH", 16384, 4096)  # allowed size ...
-    body[16] = 7  # ... but every latent transmitted: over 10^8 values
-    with pytest.raises(FormatError, match="latent values exceed"):
-        bitstream.read(_with_crc(bytes(body)))
+def test_nonzero_padding_rejected(tiny_stream):
+    """The zero bits that pad the header to a byte are checked (a set one is corruption)."""
+    _, payload = bitstream.read(tiny_stream)
+    last = len(tiny_stream) - 4 - len(payload) - 1  # the header's last byte holds the padding
+    messages = set()
+    for bit in range(8):
+        body = bytearray(tiny_stream[:-4])
+        body[last] ^= 1 << bit
+        try:
+            bitstream.read(_with_crc(bytes(body)))
+        except FormatError as e:
+            messages.add("padding" in str(e))
+    assert True in messages
 
 
 def test_trailing_garbage_and_wrong_types(tiny_stream):

@@ -3,6 +3,7 @@
 import numpy as np
 from PIL import Image
 
+from n2l import bitstream
 from n2l.cli import main
 
 
@@ -17,7 +18,7 @@ def test_encode_decode_info(tmp_path, capsys):
     assert Image.open(out).size == (20, 12)
     assert main(["info", str(stream)]) == 0
     info = capsys.readouterr().out
-    assert "20x12" in info and "MAC/pixel" in info and "weights" in info and "version 4" in info
+    assert "20x12" in info and "MAC/pixel" in info and "weights" in info and f"version {bitstream.VERSION}" in info
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png", "x.n2l"]  # no temp files
 
 
