@@ -82,6 +82,11 @@ MODES = ("pure", "hybrid")
 # 5, 7f, 7k); its levels 5-8 (every scale coded: slower steps) stop at 12000 to stay inside
 # 5 minutes per 256x256 crop on 2 CPU cores (a level-5 encode took 243 s at 16000).
 DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (16000,) * 5 + (12000,) * 4}
+# Peak learning rate per mode and quality: hybrid levels 0-4 gain from a higher one at 16000
+# iterations (one crop each, RD cost against 1e-2: quality 3 -2.8% at 2e-2, -3.9% at 3e-2,
+# -3.0% at 4e-2; quality 0 -3.2% at 2e-2, -7.9% at 3e-2). Quality 6 did not (+0.4% at 2e-2).
+# bench/RESULTS.md 7m.
+DEFAULT_LR = {"pure": (1e-2,) * 9, "hybrid": (3e-2,) * 5 + (1e-2,) * 4}
 RATE_CONTROL_RETRIES = 2  # short controlled fine-tunes when the step search misses the target band
 SIZE_BAND = 0.97  # a size target lands in [SIZE_BAND, 1] x target_bytes ...
 PSNR_BAND_DB = 0.1  # ... a PSNR target in [target_psnr, target_psnr + PSNR_BAND_DB]
@@ -735,7 +740,7 @@ def encode(
         quality = _quality_for_target(mode, height * width, target_bytes, target_psnr)
     lam, cfg = _resolve(quality, preset, lmbda, config, mode)
     cfg = replace(cfg, out_channels=channels)
-    tc = training or TrainingConfig(iterations=DEFAULT_ITERATIONS[mode][quality])
+    tc = training or TrainingConfig(iterations=DEFAULT_ITERATIONS[mode][quality], lr=DEFAULT_LR[mode][quality])
     if iterations is not None:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
