@@ -224,8 +224,9 @@ class _Trainer:
         self.pixels = target.shape[-2] * target.shape[-1]
         self.loss = math.inf
 
-    def step(self, lr: float, params: dict[str, torch.Tensor] | None = None) -> tuple[float, float, float]:
-        """One Adam step; `params` overrides the (noisy) weights. Returns (loss, mse, bpp)."""
+    def step(self, lr: float, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """One Adam step; `params` overrides the (noisy) weights. Returns (loss, mse, bpp) as
+        0-dim tensors: reading them waits for a GPU, so the caller reads only what it shows."""
         for group in self.opt.param_groups:
             group["lr"] = lr
         used = params if params is not None else self.rate.noisy(self.params)
@@ -237,8 +238,8 @@ class _Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params.values(), self.tc.grad_clip)
         self.opt.step()
-        self.loss = float(loss.detach())
-        return self.loss, float(mse.detach()), float(bpp.detach())
+        self.loss = loss.detach()
+        return self.loss, mse.detach(), bpp.detach()
 
 
 def _straight_through(params: dict[str, torch.Tensor], exponents: list[int]) -> dict[str, torch.Tensor]:
@@ -758,10 +759,10 @@ def encode(
     bar = tqdm(total=total, disable=not verbose, unit="it", desc="n2l encode", dynamic_ncols=True)
     started = time.perf_counter()
 
-    def report(loss: float, mse: float, bpp: float, it: int) -> None:
+    def report(loss: torch.Tensor, mse: torch.Tensor, bpp: torch.Tensor, it: int) -> None:
         bar.update(1)
-        if it % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.2e}", psnr=f"{_psnr_from_mse(mse):.2f}", bpp=f"{bpp:.3f}")
+        if verbose and it % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.2e}", psnr=f"{_psnr_from_mse(float(mse)):.2f}", bpp=f"{float(bpp):.3f}")
 
     trainers = [_Trainer(cfg, (seed + k) & 0xFFFFFFFF, target, lam, tc) for k in range(seeds)]
     for trainer in trainers:
