@@ -298,9 +298,11 @@ class N2LCodec:
         # Everything that changes the bitstream; the device is recorded per row but not keyed.
         training = getattr(n2l, "TrainingConfig", None)
         training_defaults = dict(vars(training())) if training is not None else {}
-        defaults = getattr(getattr(n2l, "encoder", None), "DEFAULT_ITERATIONS", {})
-        if mode in defaults:  # the iterations this mode really trains for by default
-            training_defaults["iterations"] = defaults[mode]
+        encoder = getattr(n2l, "encoder", None)
+        for name, table in (("iterations", "DEFAULT_ITERATIONS"), ("lr", "DEFAULT_LR")):
+            defaults = getattr(encoder, table, {})
+            if mode in defaults:  # what this mode really trains with by default, per quality
+                training_defaults[name] = defaults[mode]
         self.settings = {**self._kwargs, "training_defaults": training_defaults,
                          "n2l_version": getattr(n2l, "__version__", "unknown")}
         self.versions = {"n2l": str(getattr(n2l, "__version__", "unknown")), "torch": _torch_version()}
