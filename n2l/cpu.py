@@ -15,7 +15,6 @@ import os
 import warnings
 
 import numpy as np
-import torch
 
 from .model import N2LModel, Weights
 
@@ -77,10 +76,6 @@ def noise_block(seed: int, scale: int, channels: int, y0: int, x0: int, height: 
     return out
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
-
-
 def decode_cpu(
     net: N2LModel | Weights, seed: int, height: int, width: int, threads: int | None = None
 ) -> np.ndarray:
@@ -92,10 +87,10 @@ def decode_cpu(
     core = _require_core()
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    weights = net.weights() if isinstance(net, N2LModel) else net
+    weights = (net.weights() if isinstance(net, N2LModel) else net).cpu()  # one copy from a GPU
     cfg = weights.config
     layers = weights.layers.values()  # bitstream order
-    coded = [_array(y)[0] for y in weights.coded]
+    coded = [np.ascontiguousarray(y[0].numpy()) for y in weights.coded]
     out = np.empty((height, width, cfg.out_channels), dtype=np.uint8)
     core.decode(
         seed & 0xFFFFFFFF,
@@ -109,8 +104,8 @@ def decode_cpu(
         list(cfg.synth_hidden),
         cfg.synth_residual,
         cfg.out_channels,
-        [_array(w) for w, _ in layers],
-        [_array(b) for _, b in layers],
+        [np.ascontiguousarray(w.numpy()) for w, _ in layers],
+        [np.ascontiguousarray(b.numpy()) for _, b in layers],
         coded,
         out,
         default_threads() if threads is None else max(1, int(threads)),
