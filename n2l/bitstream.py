@@ -1,20 +1,22 @@
 """The n2l bitstream: header, seed, per-tensor coding parameters, coded weights, CRC32.
 
-Version 5 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
+Version 6 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
 significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k), zero-padded to a byte:
 
     u15 width-1 | u15 height-1 | u1 rgb | eg0 n_scales-1 | eg0 latent_channels-1
     | eg0 gpp_hidden-1 | u1 gpp_kernel==3 | eg0 gpp_kernel_min_scale | eg0 synth_residual
     | eg0 n_synth_hidden | u8 synth_hidden-1 each | eg0 coded_scales | eg0 seed
     | per layer tensor: u5 exponent, eg2 max_abs, u8 scale_code+64 (if max_abs)
-    | per coded latent: u5 exponent, eg1 max_abs, and unless max_abs is 0: u8 scale_code+64 of
-      pass A, then for passes B and C: u8 scale_code+64, eg1 slope, u5 weight
+    | per coded latent: u5 exponent, eg1 max_abs, and unless max_abs is 0: u2 depth-1, u8
+      scale_code+64 of the first pass, then for each of the 2 x depth others: u8 scale_code+64,
+      eg1 slope, u5 weight
 
 then the payload (the rest, a multiple of 4 bytes) | crc32 u32 (of every byte before it).
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Older streams are still read: version 4 has the same fields byte-aligned (u8, i8 and
-LEB128 varints, with an explicit payload length); version 3 codes latents in two checkerboard
+first. Older streams are still read: version 5 has no depth field (depth 1), version 4 has
+version 5's fields byte-aligned (u8, i8 and LEB128 varints, with an explicit payload length);
+version 3 codes latents in two checkerboard
 passes (fields per latent: exponent u8, scale_code i8, max_abs varint, pred_scale_code i8,
 alpha u8), version 2 has fixed-width fields where version 3 has varints (seed and payload_len
 u32, max_abs u16), version 1 also lacks coded_scales (pure mode).
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from .model import ModelConfig
 from .weights import (
     MAX_ABS,
+    MAX_DEPTH,
     MAX_EXPONENT,
     MAX_SLOPE,
     SCALE_CODE_RANGE,
@@ -42,8 +45,8 @@ from .weights import (
 )
 
 MAGIC = b"N2L"
-VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
@@ -51,7 +54,7 @@ _FIXED_V1 = struct.Struct("<3sBHHB7B")  # magic .. n_synth_hidden
 _FIXED = struct.Struct("<3sBHHB8B")  # magic .. coded_scales
 _U8, _I8, _U16, _U32 = (struct.Struct(f) for f in ("<B", "<b", "<H", "<I"))
 MAX_VARINT_BYTES = 5  # enough for any u32
-_SCALE_CODE_MIN = SCALE_CODE_RANGE[0]  # version 5 stores scale codes as u8 offsets from it
+_SCALE_CODE_MIN = SCALE_CODE_RANGE[0]  # versions 5-6 store scale codes as u8 offsets from it
 _MAX_EG_ZEROS = 32  # longest Exp-Golomb prefix of a valid field (any u32 needs fewer)
 
 
@@ -99,7 +102,7 @@ def tensor_shapes(config: ModelConfig, height: int, width: int) -> list[tuple[in
 
 
 class _BitWriter:
-    """Bits, most significant first (the version 5 header)."""
+    """Bits, most significant first (the header of versions 5-6)."""
 
     def __init__(self) -> None:
         self.value, self.n = 0, 0
@@ -147,11 +150,12 @@ def write(header: Header, payload: bytes) -> bytes:
             if code.max_abs:
                 w.u(8, code.scale_code - _SCALE_CODE_MIN)
             continue
-        if code.max_abs and len(code.passes) != 3:
-            raise ValueError("latents coded in two checkerboard passes (format 1-3) cannot be written as version 5")
+        if code.max_abs and not 1 <= code.depth <= MAX_DEPTH:
+            raise ValueError(f"latents coded in {len(code.passes)} passes cannot be written as version {VERSION}")
         w.eg(1, code.max_abs)
         if code.max_abs:
             a, *predicted = code.passes
+            w.u(2, code.depth - 1)
             w.u(8, a.scale_code - _SCALE_CODE_MIN)
             for pc in predicted:
                 w.u(8, pc.scale_code - _SCALE_CODE_MIN)
@@ -288,9 +292,9 @@ def _read_byte_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, 
     return width, height, config, seed, codes
 
 
-def _read_bit_header(r: _Reader) -> tuple[int, int, ModelConfig, int, list]:
-    """Version 5: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
-    b = _BitReader(r.buf, r.pos)
+def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, int, list]:
+    """Versions 5-6: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
+    b = _BitReader(r.buf[: max(r.pos, len(r.buf) - 4)], r.pos)  # the header ends before the CRC
     width, height = b.u(15, "width") + 1, b.u(15, "height") + 1
     channels = 3 if b.u(1, "channels") else 1
     fields = dict(
@@ -315,9 +319,10 @@ def _read_bit_header(r: _Reader) -> tuple[int, int, ModelConfig, int, list]:
             max_abs = b.eg(1, f"tensor {i}: max_abs", MAX_ABS)
             passes = [PassCode(0), PassCode(0), PassCode(0)]
             if max_abs:
+                depth = b.u(2, what) + 1 if version >= 6 else 1
                 passes = [PassCode(b.u(8, what) + _SCALE_CODE_MIN)]
                 passes += [PassCode(b.u(8, what) + _SCALE_CODE_MIN, b.eg(1, f"tensor {i}: slope", MAX_SLOPE),
-                                    b.u(5, what)) for _ in range(2)]  # fmt: skip
+                                    b.u(5, what)) for _ in range(2 * depth)]  # fmt: skip
             codes.append(LatentCode(exponent, max_abs, tuple(passes)))
         _check_code(i, codes[-1])
     r.pos = b.byte_align()
@@ -346,7 +351,7 @@ def read(buf: bytes) -> tuple[Header, bytes]:
     version = r.one(_U8, "version")
     _check(version in READABLE_VERSIONS,
            f"unsupported n2l format version {version} (this decoder reads {READABLE_VERSIONS})")
-    width, height, config, seed, codes = _read_byte_header(r, version) if version < 5 else _read_bit_header(r)
+    width, height, config, seed, codes = _read_byte_header(r, version) if version < 5 else _read_bit_header(r, version)
     payload = r.take(len(buf) - 4 - r.pos, "payload")
     _check(len(payload) % 4 == 0, f"payload length {len(payload)} is not a multiple of 4")
     crc = r.one(_U32, "CRC32")

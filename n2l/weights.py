@@ -4,8 +4,8 @@ Each tensor (one per layer weight, one per layer bias, one per transmitted laten
 quantized with its own power-of-two step 2^-exponent to integers q, and coded with
 constriction's ANS coder under quantized Laplace models on [-max_abs, max_abs]. Weights use
 one zero-mean Laplace of signalled scale 2^(scale_code / 8). Latents [C, h, w] are coded in
-three parallel passes over interleaved subgrids (a `LatentCode`): each value's mean is
-predicted from its neighbours decoded in earlier passes and its scale grows with their
+parallel passes over interleaved subgrids, coarse to fine (a `LatentCode`): each value's mean
+is predicted from its neighbours decoded in earlier passes and its scale grows with their
 magnitude (a context level). Predictions and levels use integer arithmetic and one correctly
 rounded division, so encoder and decoder compute identical probabilities on any machine.
 """
@@ -52,17 +52,26 @@ class PassCode:
 class LatentCode:
     """A transmitted latent [C, h, w], coded in passes over interleaved subgrids.
 
-    Three passes (format 4): A = (even row, even column), zero mean, one scale; B = (odd, odd),
-    predicted from its 4 diagonal A neighbours; C = the other half, predicted from its 4 direct
-    neighbours (all in A or B). Two passes (formats 1-3, read only): the checkerboard anchors
-    (A and B together) with a zero mean, then C; no context levels (slope 0)."""
+    1 + 2 x depth passes (formats 4-6; format 4 and 5 have depth 1). With s = 2^depth: the
+    grid of every s-th row and column, zero mean, one scale; then for each spacing d = s/2, ...,
+    1, two passes that halve the grid's spacing: the centres of its d-spaced cells, predicted
+    from their 4 diagonal neighbours at distance d, then the rest of the d-spaced grid, from
+    their 4 direct neighbours at distance d (see `pass_geometry`). Two passes (formats 1-3,
+    read only): the checkerboard anchors with a zero mean, then the others from their 4 direct
+    neighbours; no context levels (slope 0)."""
 
     exponent: int  # step = 2 ** -exponent
     max_abs: int  # symbols lie in [-max_abs, max_abs]; 0: all zero, nothing coded
     passes: tuple[PassCode, ...]
 
+    @property
+    def depth(self) -> int:
+        """Spacing halvings of the passes (0 for the two checkerboard passes of formats 1-3)."""
+        return (len(self.passes) - 1) // 2
+
 
 WEIGHT_ONE = 16
+MAX_DEPTH = 4  # passes start from every 2^depth-th row and column, depth 1..MAX_DEPTH
 MAX_SLOPE = 32
 CONTEXT_LEVELS = 8  # context level = bit length of the neighbours' sum |q|, capped at 7
 _CROSS = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -85,14 +94,23 @@ def _laplace(code: TensorCode):
 
 
 def pass_geometry(n_passes: int, height: int, width: int) -> list[tuple[np.ndarray, tuple]]:
-    """(mask [h, w], neighbour offsets) of each pass of a latent coded in `n_passes` passes.
+    """(mask [h, w], neighbour offsets) of each pass of a latent coded in `n_passes` passes
+    (see `LatentCode`).
 
     Every neighbour of a pass's value belongs to an earlier pass, so a decoder knows them."""
-    i, j = np.arange(height)[:, None] % 2, np.arange(width)[None] % 2
-    cross = (i + j) % 2 == 1
+    i, j = np.arange(height)[:, None], np.arange(width)[None]
     if n_passes == 2:
+        cross = (i + j) % 2 == 1
         return [(~cross, ()), (cross, _CROSS)]
-    return [((i == 0) & (j == 0), ()), ((i == 1) & (j == 1), _DIAGONAL), (cross, _CROSS)]
+    spacing = 2 ** ((n_passes - 1) // 2)
+    out = [((i % spacing == 0) & (j % spacing == 0), ())]
+    while spacing > 1:
+        d = spacing // 2
+        on_grid = (i % d == 0) & (j % d == 0)
+        out.append((on_grid & (i % spacing == d) & (j % spacing == d), tuple((d * a, d * b) for a, b in _DIAGONAL)))
+        out.append((on_grid & ((i // d + j // d) % 2 == 1), tuple((d * a, d * b) for a, b in _CROSS)))
+        spacing = d
+    return out
 
 
 def neighbour_sums(q: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,14 +118,15 @@ def neighbour_sums(q: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarra
     q [C, h, w] (int64)."""
     q = q.astype(np.int64)
     _, h, w = q.shape
-    padded = np.pad(q, ((0, 0), (1, 1), (1, 1)))
-    inside = np.pad(np.ones((h, w), np.int64), 1)
+    r = max(max(abs(di), abs(dj)) for di, dj in offsets)
+    padded = np.pad(q, ((0, 0), (r, r), (r, r)))
+    inside = np.pad(np.ones((h, w), np.int64), r)
     total, magnitude, count = np.zeros_like(q), np.zeros_like(q), np.zeros((h, w), np.int64)
     for di, dj in offsets:
-        window = padded[:, 1 + di: 1 + di + h, 1 + dj: 1 + dj + w]
+        window = padded[:, r + di: r + di + h, r + dj: r + dj + w]
         total += window
         magnitude += np.abs(window)
-        count += inside[1 + di: 1 + di + h, 1 + dj: 1 + dj + w]
+        count += inside[r + di: r + di + h, r + dj: r + dj + w]
     return total, magnitude, np.broadcast_to(count, q.shape)
 
 
@@ -267,9 +286,10 @@ def move_bits(q: np.ndarray, code: LatentCode) -> np.ndarray:
     return np.stack(out)
 
 
-def _fit_pass(values: np.ndarray, total: np.ndarray, magnitude: np.ndarray, count: np.ndarray, max_abs: int) -> PassCode:
+def _scan_pass(values: np.ndarray, total: np.ndarray, magnitude: np.ndarray, count: np.ndarray) -> tuple[PassCode, float]:
     """Prediction weight by least squares, then (scale code, slope) for the fewest bits: a scan
-    of every pair under the continuous Laplace's bin probabilities, refined by the real coder."""
+    of every pair under the continuous Laplace's bin probabilities. Returns the model and its
+    estimated bits."""
     values = values.astype(np.float64)
     neighbour_mean = total / np.maximum(count, 1)
     dot = float(neighbour_mean @ neighbour_mean)
@@ -292,34 +312,59 @@ def _fit_pass(values: np.ndarray, total: np.ndarray, magnitude: np.ndarray, coun
         c = int(np.argmin(bits))
         if bits[c] < best[0]:
             best = (float(bits[c]), int(codes[c]), slope)
-    _, scale_code, slope = best
+    bits, scale_code, slope = best
+    return PassCode(scale_code, slope, weight), bits
 
+
+def _refine_pass(pc: PassCode, values: np.ndarray, total: np.ndarray, magnitude: np.ndarray, count: np.ndarray,
+                 max_abs: int) -> PassCode:
+    """The scale code of a scanned model that costs the fewest bits with the real coder. The
+    scan's bins differ from the coder's (a truncated support, fixed-point probabilities), most
+    on sparse values: scan the real cost around its pick in steps of 2, then refine by 1."""
     def cost(c: int) -> float:
         coder = constriction.stream.stack.AnsCoder()
         family = constriction.stream.model.QuantizedLaplace(-max_abs, max_abs)
-        coder.encode_reverse(values.astype(np.int32), family, *_pass_means_scales(PassCode(c, slope, weight), total, magnitude, count))
+        model = PassCode(c, pc.slope, pc.weight)
+        coder.encode_reverse(values.astype(np.int32), family, *_pass_means_scales(model, total, magnitude, count))
         return coder.num_valid_bits()
 
-    # The scan's bins differ from the coder's (a truncated support, fixed-point probabilities),
-    # most on sparse values: scan the real cost around its pick in steps of 2, then refine by 1.
-    best = min(range(max(lo, scale_code - 4), min(hi, scale_code + 4) + 1, 2), key=cost)
-    return PassCode(min(range(max(lo, best - 1), min(hi, best + 1) + 1), key=cost), slope, weight)
+    lo, hi = SCALE_CODE_RANGE
+    best = min(range(max(lo, pc.scale_code - 4), min(hi, pc.scale_code + 4) + 1, 2), key=cost)
+    return PassCode(min(range(max(lo, best - 1), min(hi, best + 1) + 1), key=cost), pc.slope, pc.weight)
+
+
+def fit_latent(q: np.ndarray, exponent: int, depth: int | None = None) -> LatentCode:
+    """The code of a latent q [C, h, w]: its depth (unless given, the one whose scanned models
+    cost the fewest bits, header fields included) and every pass's model, fitted to cost the
+    least."""
+    max_abs = int(np.abs(q).max()) if q.size else 0
+    if not max_abs:
+        return LatentCode(exponent, 0, (PassCode(0),) * (1 + 2 * (depth or 1)))
+    deepest = min(MAX_DEPTH, max(1, (max(q.shape[1:]) - 1).bit_length()))  # deeper: the same first pass
+    scanned = {}  # depth -> [(values, context, (model, estimated bits))] per pass
+    for d in [depth] if depth else range(1, deepest + 1):
+        passes = [(q[mask], context) for mask, *context in _pass_models(q, 1 + 2 * d)]
+        scanned[d] = [(v, c, _scan_pass(v, *c) if v.size else (PassCode(0), 0.0)) for v, c in passes]
+    best = min(scanned.values(), key=lambda ps: sum(b for *_, (_, b) in ps) + _header_bits([m for *_, (m, _) in ps]))
+    return LatentCode(exponent, max_abs, tuple(_refine_pass(m, v, *c, max_abs) if v.size else m for v, c, (m, _) in best))
 
 
 def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode | LatentCode:
     """The code for integers q: support from their range and, fitted to cost the least, the
-    Laplace scale (a weight tensor) or every pass's model (a latent [C, h, w])."""
-    max_abs = int(np.abs(q).max()) if q.size else 0
+    Laplace scale (a weight tensor) or the depth and every pass's model (a latent [C, h, w])."""
     if latent:
-        passes = tuple(
-            _fit_pass(q[mask], *context, max_abs) if max_abs and mask.any() else PassCode(0)
-            for mask, *context in _pass_models(q, 3)
-        )
-        return LatentCode(exponent, max_abs, passes)
+        return fit_latent(q, exponent)
+    max_abs = int(np.abs(q).max()) if q.size else 0
     if max_abs == 0:
         return TensorCode(exponent, 0, 0)
     scale = _best_scale_code(q, 0.0, lambda c: _bits_under(q, TensorCode(exponent, c, max_abs)))
     return TensorCode(exponent, scale, max_abs)
+
+
+def _header_bits(passes: list[PassCode]) -> int:
+    """Header bits of a latent's pass models as format 6 writes them (docs/FORMAT.md): the first
+    pass's u8 scale code, then per pass u8 scale code, eg1 slope and u5 weight."""
+    return 8 + sum(8 + 2 * (pc.slope + 2).bit_length() - 2 + 5 for pc in passes[1:])
 
 
 def tensor_bits(q: np.ndarray, code: TensorCode) -> float:

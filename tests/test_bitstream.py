@@ -63,25 +63,29 @@ def test_golden_file():
 
 def test_golden_hybrid_file():
     """A committed version-2 hybrid stream (latents in two checkerboard passes) keeps its pixels.
-    Version 4 codes latents in three passes, so it cannot be written again without re-coding."""
+    Versions 4-6 code latents in 1 + 2 x depth passes, so it cannot be written again without
+    re-coding."""
     golden = GOLDEN.with_name("golden_hybrid.n2l")
     buf = golden.read_bytes()
     header, payload = bitstream.read(buf)
     assert buf[3] == 2 and header.config.coded_scales == 6
     assert any(c.max_abs and len(c.passes) == 2 and c.passes[1].weight for c in header.codes[-6:])
-    with pytest.raises(ValueError, match="two checkerboard passes"):
+    with pytest.raises(ValueError, match="coded in 2 passes"):
         bitstream.write(header, payload)
     pixels = n2l.decode(buf, device="cpu", backend="torch")
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == golden.with_suffix(".sha256").read_text().split()[0]
 
 
-def test_golden_v4_hybrid_file():
-    """A committed version-4 hybrid stream (the previous format: byte-aligned header) written
-    again as the current version: the same tensors and payload, fewer bytes, the same pixels."""
-    buf = GOLDEN.with_name("golden_v4_hybrid.n2l").read_bytes()
-    assert buf[3] == 4
+@pytest.mark.parametrize("version,growth", [(4, -30), (5, 2)])
+def test_golden_hybrid_files_of_earlier_versions(version, growth):
+    """Committed hybrid streams of versions 4 (byte-aligned header) and 5 (bit-packed, no depth
+    field), with the same tensors, written again as the current version: the same tensors and
+    payload, the same pixels; version 4's header shrinks, version 5's gains a 2-bit depth per
+    coded latent."""
+    buf = GOLDEN.with_name(f"golden_v{version}_hybrid.n2l").read_bytes()
+    assert buf[3] == version
     again = _assert_rewrites_to_current_version(buf)
-    assert len(again) < len(buf) - 20
+    assert len(again) - len(buf) <= growth
     np.testing.assert_array_equal(n2l.decode(again, device="cpu", backend="torch"),
                                   n2l.decode(buf, device="cpu", backend="torch"))
 
@@ -126,8 +130,8 @@ def test_corrupted_payload_with_valid_crc_never_crashes(tiny_stream):
         _decode_or_format_error(_with_crc(body[: start + n]))
 
 
-def _v5(fields: list[tuple[str, int, int]], version: int = bitstream.VERSION) -> bytes:
-    """A version-5 header from (kind, k or bits, value) fields ("u" or "eg"), padded, with a CRC:
+def _bit_header(fields: list[tuple[str, int, int]], version: int = bitstream.VERSION) -> bytes:
+    """A bit-packed header (versions 5-6) from (kind, k or bits, value) fields ("u" or "eg"), padded, with a CRC:
     bytes the writer refuses to produce."""
     w = bitstream._BitWriter()
     for kind, n, value in fields:
@@ -136,7 +140,7 @@ def _v5(fields: list[tuple[str, int, int]], version: int = bitstream.VERSION) ->
 
 
 def _fields(width=12, height=10, n_scales=7, hidden=(8,), coded=0, codes=()) -> list[tuple[str, int, int]]:
-    """Header fields (docs/FORMAT.md, version 5) of an RGB image, 2 latent channels, GPP 8 wide
+    """Header fields (docs/FORMAT.md, versions 5-6) of an RGB image, 2 latent channels, GPP 8 wide
     with 3x3 kernels from scale 2, no residual layers and seed 0; then `codes`."""
     return [
         ("u", 15, width - 1), ("u", 15, height - 1), ("u", 1, 1),
@@ -150,27 +154,27 @@ def test_helper_header_is_valid_up_to_its_codes():
     """The hand-built header of the tests below parses up to its (absent) codes, so each of
     those tests breaks exactly one field."""
     with pytest.raises(FormatError, match="truncated bitstream: coding parameters of tensor"):
-        bitstream.read(_v5(_fields()))
+        bitstream.read(_bit_header(_fields()))
 
 
 @pytest.mark.parametrize(
     "fields,version,message",
     [
-        (_fields(), 6, "version"),
-        (_fields(width=32768, height=32768), 5, "exceeds"),
-        (_fields(n_scales=13), 5, "n_scales"),
-        (_fields(hidden=(8,) * 9), 5, "hidden layers 9 out of range"),
-        (_fields(coded=8), 5, "coded_scales"),
-        (_fields(codes=[("u", 5, 25)]), 5, "exponent 25"),
-        (_fields(codes=[("u", 5, 3), ("eg", 2, 65536)]), 5, "max_abs 65536 out of range"),
-        (_fields(codes=[("u", 5, 3)] + [("u", 1, 0)] * 40), 5, "prefix longer than"),
-        (_fields(width=16384, height=4096, coded=7), 5, "latent values exceed"),  # 10^8 values
+        (_fields(), 7, "version"),
+        (_fields(width=32768, height=32768), 6, "exceeds"),
+        (_fields(n_scales=13), 6, "n_scales"),
+        (_fields(hidden=(8,) * 9), 6, "hidden layers 9 out of range"),
+        (_fields(coded=8), 6, "coded_scales"),
+        (_fields(codes=[("u", 5, 25), ("eg", 2, 0)]), 6, "exponent 25"),
+        (_fields(codes=[("u", 5, 3), ("eg", 2, 65536)]), 6, "max_abs 65536 out of range"),
+        (_fields(codes=[("u", 5, 3)] + [("u", 1, 0)] * 40), 6, "prefix longer than"),
+        (_fields(width=16384, height=4096, coded=7), 6, "latent values exceed"),  # 10^8 values
     ],
 )
 def test_bad_header_fields(fields, version, message):
     """Every field is checked before anything is allocated."""
     with pytest.raises(FormatError, match=message):
-        bitstream.read(_v5(fields, version))
+        bitstream.read(_bit_header(fields, version))
 
 
 def test_bad_latent_fields():
@@ -179,11 +183,11 @@ def test_bad_latent_fields():
                           synth_residual=0, synth_hidden=(8,), out_channels=3, coded_scales=7)
     layers = [("u", 5, 0), ("eg", 2, 0)] * 2 * len(cfg.layer_shapes())  # all-zero tensors
     base = _fields(coded=7, codes=layers)
-    latent = [("u", 5, 0), ("eg", 1, 3), ("u", 8, 64), ("u", 8, 64)]  # e, max_abs, A's and B's scale codes
+    latent = [("u", 5, 0), ("eg", 1, 3), ("u", 2, 0), ("u", 8, 64), ("u", 8, 64)]  # e, max_abs, depth 1, 2 scale codes
     with pytest.raises(FormatError, match="slope 33 out of range"):
-        bitstream.read(_v5(base + latent + [("eg", 1, 33)]))
+        bitstream.read(_bit_header(base + latent + [("eg", 1, 33)]))
     with pytest.raises(FormatError, match="prediction weight 17"):
-        bitstream.read(_v5(base + latent + [("eg", 1, 2), ("u", 5, 17)]))
+        bitstream.read(_bit_header(base + latent + [("eg", 1, 2), ("u", 5, 17), ("u", 8, 64), ("eg", 1, 0), ("u", 5, 0)]))
 
 
 def test_nonzero_padding_rejected(tiny_stream):
