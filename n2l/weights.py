@@ -113,23 +113,6 @@ def pass_geometry(n_passes: int, height: int, width: int) -> list[tuple[np.ndarr
     return out
 
 
-def neighbour_sums(q: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sum, sum of |.| and in-bounds count of the neighbours at `offsets` of every element of
-    q [C, h, w] (int64)."""
-    q = q.astype(np.int64)
-    _, h, w = q.shape
-    r = max(max(abs(di), abs(dj)) for di, dj in offsets)
-    padded = np.pad(q, ((0, 0), (r, r), (r, r)))
-    inside = np.pad(np.ones((h, w), np.int64), r)
-    total, magnitude, count = np.zeros_like(q), np.zeros_like(q), np.zeros((h, w), np.int64)
-    for di, dj in offsets:
-        window = padded[:, r + di: r + di + h, r + dj: r + dj + w]
-        total += window
-        magnitude += np.abs(window)
-        count += inside[r + di: r + di + h, r + dj: r + dj + w]
-    return total, magnitude, np.broadcast_to(count, q.shape)
-
-
 def context_levels(magnitude: np.ndarray) -> np.ndarray:
     """Context level of a neighbourhood from its sum of |q|: 0 for 0, else the bit length
     (1 for 1, 2 for 2-3, 3 for 4-7, ...), capped at CONTEXT_LEVELS - 1. Exact (frexp)."""
@@ -138,11 +121,21 @@ def context_levels(magnitude: np.ndarray) -> np.ndarray:
 
 def _pass_context(q: np.ndarray, mask: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(neighbour sum, sum of |neighbours|, in-bounds neighbour count) of the values of
-    q [C, h, w] under mask [C, h, w], flattened; zeros for a pass without neighbours."""
-    if not offsets:
-        zeros = np.zeros(int(mask.sum()), np.int64)
-        return zeros, zeros, zeros
-    return tuple(field[mask] for field in neighbour_sums(q, offsets))
+    q [C, h, w] under mask [C, h, w] (the same in every channel), flattened like q[mask];
+    zeros for a pass without neighbours. Only the pass's positions are gathered."""
+    c, h, w = q.shape
+    ys, xs = np.nonzero(mask[0])
+    total, magnitude = np.zeros((c, ys.size), np.int64), np.zeros((c, ys.size), np.int64)
+    count = np.zeros(ys.size, np.int64)
+    if offsets:
+        r = max(max(abs(di), abs(dj)) for di, dj in offsets)
+        padded = np.pad(q.astype(np.int64), ((0, 0), (r, r), (r, r)))
+        for di, dj in offsets:
+            values = padded[:, ys + r + di, xs + r + dj]
+            total += values
+            magnitude += np.abs(values)
+            count += (ys + di >= 0) & (ys + di < h) & (xs + dj >= 0) & (xs + dj < w)
+    return total.ravel(), magnitude.ravel(), np.broadcast_to(count, (c, ys.size)).ravel()
 
 
 def _pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -338,8 +331,8 @@ def fit_latent(q: np.ndarray, exponent: int, depth: int | None = None) -> Latent
     cost the fewest bits, header fields included) and every pass's model, fitted to cost the
     least."""
     max_abs = int(np.abs(q).max()) if q.size else 0
-    if not max_abs:
-        return LatentCode(exponent, 0, (PassCode(0),) * (1 + 2 * (depth or 1)))
+    if not max_abs:  # nothing coded: the form a reader returns
+        return LatentCode(exponent, 0, (PassCode(0),) * 3)
     deepest = min(MAX_DEPTH, max(1, (max(q.shape[1:]) - 1).bit_length()))  # deeper: the same first pass
     scanned = {}  # depth -> [(values, context, (model, estimated bits))] per pass
     for d in [depth] if depth else range(1, deepest + 1):

@@ -90,6 +90,16 @@ def test_golden_hybrid_files_of_earlier_versions(version, growth):
                                   n2l.decode(buf, device="cpu", backend="torch"))
 
 
+def test_golden_v6_deep_passes_file():
+    """A committed version-6 stream of the same integers as the version-4 one, every latent
+    coded at depth 3 (7 passes): pins the geometry of the deeper passes (docs/FORMAT.md)."""
+    buf = GOLDEN.with_name("golden_v6_depth3_hybrid.n2l").read_bytes()
+    header, _ = bitstream.read(buf)
+    assert buf[3] == 6 and all(c.depth == 3 for c in header.codes[-6:])
+    np.testing.assert_array_equal(n2l.decode(buf, device="cpu", backend="torch"),
+                                  n2l.decode(GOLDEN.with_name("golden_v4_hybrid.n2l").read_bytes(), device="cpu", backend="torch"))
+
+
 def _decode_or_format_error(buf: bytes) -> None:
     try:
         n2l.decode(buf, device="cpu", backend="torch")
