@@ -148,8 +148,8 @@ def checkerboard_residuals(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     its own zero-mean Laplace: the anchors, and the others minus their prediction from their
     anchor neighbours (the prediction weight fitted by least squares, as the coder fits it).
 
-    The coder (n2l.weights.LatentCode) splits the anchors in two passes, predicts the second
-    from the first and lets every scale follow the neighbours' magnitude. Charging those in
+    The coder (n2l.weights.LatentCode) also predicts most anchors, in passes over ever finer
+    subgrids, and lets every scale follow the neighbours' magnitude. Charging those in
     training too cost RD at low rate (bench/RESULTS.md 7j): its cheaper nonzero values next to
     nonzero neighbours weaken the push toward sparse latents. So training keeps this model."""
     h, w = v.shape[-2:]
@@ -449,10 +449,10 @@ class _Refinement:
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # Hybrid mode: the latents carry the rate, so size targets start from the level whose typical
-# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7k), interpolated
+# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7n), interpolated
 # between them (bpp geometrically) and extrapolated above.
-TYPICAL_HYBRID_BPP = (0.16, 0.23, 0.34, 0.49, 0.71, 1.03, 1.50, 2.10, 2.94)
-TYPICAL_HYBRID_PSNR = (24.8, 26.3, 27.7, 29.1, 31.3, 33.5, 35.7, 37.5, 39.0)
+TYPICAL_HYBRID_BPP = (0.16, 0.23, 0.32, 0.45, 0.66, 0.98, 1.43, 2.01, 2.81)
+TYPICAL_HYBRID_PSNR = (25.1, 26.5, 27.9, 29.2, 31.4, 33.6, 35.7, 37.5, 39.0)
 
 
 def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
