@@ -12,6 +12,7 @@ rounded division, so encoder and decoder compute identical probabilities on any 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -119,14 +120,28 @@ def context_levels(magnitude: np.ndarray) -> np.ndarray:
     return np.minimum(np.frexp(magnitude.astype(np.float64))[1], CONTEXT_LEVELS - 1)
 
 
-def _pass_context(q: np.ndarray, mask: np.ndarray, offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=64)
+def _pass_positions(n_passes: int, height: int, width: int) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Per pass of `pass_geometry`: its positions ys, xs in row-major order, their in-bounds
+    neighbour count, and the neighbour offsets. Fixed per geometry, so cached (read-only)."""
+    out = []
+    for mask, offsets in pass_geometry(n_passes, height, width):
+        ys, xs = np.nonzero(mask)
+        count = sum(((ys + di >= 0) & (ys + di < height) & (xs + dj >= 0) & (xs + dj < width)).astype(np.int64)
+                    for di, dj in offsets) if offsets else np.zeros(ys.size, np.int64)
+        for a in (ys, xs, count):
+            a.flags.writeable = False
+        out.append((ys, xs, count, offsets))
+    return tuple(out)
+
+
+def _pass_context(q: np.ndarray, ys: np.ndarray, xs: np.ndarray, count: np.ndarray,
+                  offsets: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(neighbour sum, sum of |neighbours|, in-bounds neighbour count) of the values of
-    q [C, h, w] under mask [C, h, w] (the same in every channel), flattened like q[mask];
-    zeros for a pass without neighbours. Only the pass's positions are gathered."""
-    c, h, w = q.shape
-    ys, xs = np.nonzero(mask[0])
+    q [C, h, w] at positions (ys, xs) of every channel, flattened like q[:, ys, xs]; zeros for
+    a pass without neighbours. Only those positions are gathered."""
+    c = q.shape[0]
     total, magnitude = np.zeros((c, ys.size), np.int64), np.zeros((c, ys.size), np.int64)
-    count = np.zeros(ys.size, np.int64)
     if offsets:
         r = max(max(abs(di), abs(dj)) for di, dj in offsets)
         padded = np.pad(q.astype(np.int64), ((0, 0), (r, r), (r, r)))
@@ -134,17 +149,15 @@ def _pass_context(q: np.ndarray, mask: np.ndarray, offsets: tuple) -> tuple[np.n
             values = padded[:, ys + r + di, xs + r + dj]
             total += values
             magnitude += np.abs(values)
-            count += (ys + di >= 0) & (ys + di < h) & (xs + dj >= 0) & (xs + dj < w)
     return total.ravel(), magnitude.ravel(), np.broadcast_to(count, (c, ys.size)).ravel()
 
 
 def _pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per pass of a latent q [C, h, w]: (mask [C, h, w], neighbour sum, sum of |neighbours|,
-    neighbour count) of its values, flattened. Only earlier passes' values are read."""
+    neighbour count) of its values, flattened like q[mask]. Only earlier passes' values are read."""
     out = []
-    for mask, offsets in pass_geometry(n_passes, *q.shape[1:]):
-        mask = np.broadcast_to(mask, q.shape)
-        out.append((mask, *_pass_context(q, mask, offsets)))
+    for (mask, _), positions in zip(pass_geometry(n_passes, *q.shape[1:]), _pass_positions(n_passes, *q.shape[1:])):
+        out.append((np.broadcast_to(mask, q.shape), *_pass_context(q, *positions)))
     return out
 
 
@@ -187,10 +200,10 @@ def _encode_latent(coder, q: np.ndarray, code: LatentCode) -> None:
 def _decode_latent(coder, code: LatentCode, shape: tuple[int, ...]) -> np.ndarray:
     q = np.zeros(shape, dtype=np.int32)
     family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
-    for pc, (mask, offsets) in zip(code.passes, pass_geometry(len(code.passes), *shape[1:])):
-        mask = np.broadcast_to(mask, shape)
-        if mask.any():
-            q[mask] = coder.decode(family, *_pass_means_scales(pc, *_pass_context(q, mask, offsets)))
+    for pc, (ys, xs, count, offsets) in zip(code.passes, _pass_positions(len(code.passes), *shape[1:])):
+        if ys.size:
+            values = coder.decode(family, *_pass_means_scales(pc, *_pass_context(q, ys, xs, count, offsets)))
+            q[:, ys, xs] = values.reshape(shape[0], ys.size)
     return q
 
 
