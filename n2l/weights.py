@@ -120,10 +120,20 @@ def context_levels(magnitude: np.ndarray) -> np.ndarray:
     return np.minimum(np.frexp(magnitude.astype(np.float64))[1], CONTEXT_LEVELS - 1)
 
 
-@functools.lru_cache(maxsize=64)
 def _pass_positions(n_passes: int, height: int, width: int) -> tuple[tuple[np.ndarray, ...], ...]:
     """Per pass of `pass_geometry`: its positions ys, xs in row-major order, their in-bounds
-    neighbour count, and the neighbour offsets. Fixed per geometry, so cached (read-only)."""
+    neighbour count, and the neighbour offsets. Fixed per geometry: cached up to
+    _CACHED_POSITIONS values (read-only arrays), so large latents hold no memory after decoding."""
+    if height * width <= _CACHED_POSITIONS:
+        return _cached_pass_positions(n_passes, height, width)
+    return _cached_pass_positions.__wrapped__(n_passes, height, width)
+
+
+_CACHED_POSITIONS = 1 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_pass_positions(n_passes: int, height: int, width: int) -> tuple[tuple[np.ndarray, ...], ...]:
     out = []
     for mask, offsets in pass_geometry(n_passes, height, width):
         ys, xs = np.nonzero(mask)
