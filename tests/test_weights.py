@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from n2l.encoder import checkerboard_bits, laplace_bits
+from n2l.encoder import checkerboard_bits, checkerboard_residuals, laplace_bits
 from n2l.weights import (
     SCALE_CODE_RANGE,
     LatentCode,
@@ -117,3 +117,18 @@ def test_fitted_scale_costs_what_the_best_signalled_scale_costs(latent):
     for p in range(3):
         brute = min(tensor_bits(q, with_scale(p, c)) for c in range(*SCALE_CODE_RANGE))
         assert tensor_bits(q, code) <= 1.005 * brute
+
+
+def test_coarse_latent_rate_weights_all_but_the_finest_latent():
+    """The training proxy charges the coarse coded latents `coarse_latent_rate` x their
+    checkerboard bits; the layers and the finest coded latent keep full weight."""
+    from n2l.encoder import HYBRID_CONFIGS, _RateProxy
+    from n2l.model import N2LModel
+
+    model = N2LModel(HYBRID_CONFIGS[0], 32, 32)
+    params = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    coarse = [p for n, p in params.items() if n.startswith("coded.")][:-1]
+    coarse_bits = laplace_bits(*(r for p in coarse for r in checkerboard_residuals(p[0])))
+    full, light = _RateProxy(model, -8.0), _RateProxy(model, -8.0, 0.4)  # latents start at step 1
+    assert len(coarse) > 1 and coarse_bits > 0
+    assert (full.bits(params) - light.bits(params)).item() == pytest.approx(0.6 * coarse_bits.item(), rel=1e-4)

@@ -299,7 +299,8 @@ class N2LCodec:
         training = getattr(n2l, "TrainingConfig", None)
         training_defaults = dict(vars(training())) if training is not None else {}
         encoder = getattr(n2l, "encoder", None)
-        for name, table in (("iterations", "DEFAULT_ITERATIONS"), ("lr", "DEFAULT_LR")):
+        for name, table in (("iterations", "DEFAULT_ITERATIONS"), ("lr", "DEFAULT_LR"),
+                            ("coarse_latent_rate", "DEFAULT_COARSE_LATENT_RATE")):
             defaults = getattr(encoder, table, {})
             if mode in defaults:  # what this mode really trains with by default, per quality
                 training_defaults[name] = defaults[mode]
