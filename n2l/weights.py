@@ -162,13 +162,11 @@ def _pass_context(q: np.ndarray, ys: np.ndarray, xs: np.ndarray, count: np.ndarr
     return total.ravel(), magnitude.ravel(), np.broadcast_to(count, (c, ys.size)).ravel()
 
 
-def _pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per pass of a latent q [C, h, w]: (mask [C, h, w], neighbour sum, sum of |neighbours|,
-    neighbour count) of its values, flattened like q[mask]. Only earlier passes' values are read."""
-    out = []
-    for (mask, _), positions in zip(pass_geometry(n_passes, *q.shape[1:]), _pass_positions(n_passes, *q.shape[1:])):
-        out.append((np.broadcast_to(mask, q.shape), *_pass_context(q, *positions)))
-    return out
+def _pass_models(q: np.ndarray, n_passes: int) -> list[tuple[np.ndarray, ...]]:
+    """Per pass of a latent q [C, h, w]: (ys, xs, neighbour sum, sum of |neighbours|, neighbour
+    count), the last three flattened like q[:, ys, xs]. Only earlier passes' values are read."""
+    return [(ys, xs, *_pass_context(q, ys, xs, count, offsets))
+            for ys, xs, count, offsets in _pass_positions(n_passes, *q.shape[1:])]
 
 
 def _pass_means_scales(pc: PassCode, total: np.ndarray, magnitude: np.ndarray, count: np.ndarray):
@@ -183,10 +181,10 @@ def _latent_context(q: np.ndarray, n_passes: int) -> tuple[np.ndarray, ...]:
     """The fields of `_pass_models` as arrays [C, h, w] (int64): (pass, neighbour sum, sum of
     |neighbours|, neighbour count) of every value."""
     fields = [np.zeros(q.shape, np.int64) for _ in range(4)]
-    for p, (mask, *values) in enumerate(_pass_models(q, n_passes)):
-        fields[0][mask] = p
+    for p, (ys, xs, *values) in enumerate(_pass_models(q, n_passes)):
+        fields[0][:, ys, xs] = p
         for field, value in zip(fields[1:], values):
-            field[mask] = value
+            field[:, ys, xs] = value.reshape(q.shape[0], ys.size)
     return tuple(fields)
 
 
@@ -202,9 +200,9 @@ def _laplace_params(code: LatentCode, passes: np.ndarray, total: np.ndarray, mag
 
 def _encode_latent(coder, q: np.ndarray, code: LatentCode) -> None:
     family = constriction.stream.model.QuantizedLaplace(-code.max_abs, code.max_abs)
-    for pc, (mask, *context) in reversed(list(zip(code.passes, _pass_models(q, len(code.passes))))):
-        if mask.any():
-            coder.encode_reverse(q[mask].astype(np.int32), family, *_pass_means_scales(pc, *context))
+    for pc, (ys, xs, *context) in reversed(list(zip(code.passes, _pass_models(q, len(code.passes))))):
+        if ys.size:
+            coder.encode_reverse(q[:, ys, xs].ravel().astype(np.int32), family, *_pass_means_scales(pc, *context))
 
 
 def _decode_latent(coder, code: LatentCode, shape: tuple[int, ...]) -> np.ndarray:
@@ -293,6 +291,8 @@ def move_bits(q: np.ndarray, code: LatentCode) -> np.ndarray:
         grown = np.abs(q + d) - np.abs(q)
         for p, (_, offsets) in enumerate(pass_geometry(len(code.passes), h, w)):
             for di, dj in offsets:  # y = x - (di, dj) has x as a neighbour if y is in pass p
+                if abs(di) >= h or abs(dj) >= w:  # no such pair (deep passes of a small latent)
+                    continue
                 ys = (slice(None), slice(max(0, -di), h - max(0, di)), slice(max(0, -dj), w - max(0, dj)))
                 xs = (slice(None), slice(max(0, di), h - max(0, -di)), slice(max(0, dj), w - max(0, -dj)))
                 y_mean, y_scale = _laplace_params(code, passes[ys], total[ys] + d, magnitude[ys] + grown[xs], count[ys])
@@ -359,7 +359,7 @@ def fit_latent(q: np.ndarray, exponent: int, depth: int | None = None) -> Latent
     deepest = min(MAX_DEPTH, max(1, (max(q.shape[1:]) - 1).bit_length()))  # deeper: the same first pass
     scanned = {}  # depth -> [(values, context, (model, estimated bits))] per pass
     for d in [depth] if depth else range(1, deepest + 1):
-        passes = [(q[mask], context) for mask, *context in _pass_models(q, 1 + 2 * d)]
+        passes = [(q[:, ys, xs].ravel(), context) for ys, xs, *context in _pass_models(q, 1 + 2 * d)]
         scanned[d] = [(v, c, _scan_pass(v, *c) if v.size else (PassCode(0), 0.0)) for v, c in passes]
     best = min(scanned.values(), key=lambda ps: sum(b for *_, (_, b) in ps) + _header_bits([m for *_, (m, _) in ps]))
     return LatentCode(exponent, max_abs, tuple(_refine_pass(m, v, *c, max_abs) if v.size else m for v, c, (m, _) in best))
