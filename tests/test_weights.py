@@ -15,6 +15,7 @@ from n2l.weights import (
     encode_tensors,
     fit_code,
     fit_latent,
+    move_bits,
     tensor_bits,
 )
 
@@ -132,3 +133,10 @@ def test_coarse_latent_rate_weights_all_but_the_finest_latent():
     full, light = _RateProxy(model, -8.0), _RateProxy(model, -8.0, 0.4)  # latents start at step 1
     assert len(coarse) > 1 and coarse_bits > 0
     assert (full.bits(params) - light.bits(params)).item() == pytest.approx(0.6 * coarse_bits.item(), rel=1e-4)
+
+
+def test_move_bits_on_latents_smaller_than_their_pass_spacing():
+    """Deep passes of a thin latent have neighbour offsets beyond its size: no pair, no error."""
+    q = _smooth_latent((1, 1, 9), seed=6)
+    code = fit_latent(q, 0, 4)
+    assert move_bits(q, code).shape == (2, q.size)
