@@ -40,6 +40,7 @@ from .memory import retain_freed_memory
 from .model import PRESETS, ModelConfig, N2LModel, preset
 from .weights import (
     MAX_EXPONENT,
+    LatentCode,
     TensorCode,
     dequantize,
     encode_tensors,
@@ -268,8 +269,10 @@ def _dequantize_like(q: np.ndarray, exponent: int, like: torch.Tensor) -> torch.
 class _Quantizer:
     """Evaluates MSE + lambda * bpp of the network quantized with given per-tensor exponents."""
 
-    def __init__(self, trainer: _Trainer, float_params: dict[str, torch.Tensor] | None = None):
+    def __init__(self, trainer: _Trainer, float_params: dict[str, torch.Tensor] | None = None,
+                 depths: dict[str, int] | None = None):
         self.t = trainer
+        self.depths = depths or {}  # latent name -> coder depth to use instead of fitting one
         self.lmbda = trainer.lmbda
         self.float_params = float_params or {n: p.detach().clone() for n, p in trainer.params.items()}
         self.cache: dict[tuple[str, int], tuple] = {}
@@ -282,7 +285,7 @@ class _Quantizer:
             q = quantize(self.float_params[name], exponent)
             latent = name.startswith("coded.")
             q = q[0] if latent else q  # a latent is coded as [C, h, w]
-            code = fit_code(q, exponent, latent=latent)
+            code = fit_code(q, exponent, latent=latent, depth=self.depths.get(name))
             self.cache[key] = (q, code, tensor_bits(q, code))
         return self.cache[key]
 
@@ -485,9 +488,12 @@ class _LambdaControl:
     geometrically toward the target: by (size / goal)^gain for a size, by
     2^(gain * (PSNR - goal) / DB_PER_DOUBLING) for a PSNR. One training run thus lands near
     the target, and the step search after it only has the last few percent to find.
+    The latents' coder depths are refitted only every DEPTH_REFIT-th update (fitting them is
+    most of a coding's time, and they rarely change between updates).
     """
 
     GAIN = 0.5
+    DEPTH_REFIT = 8
     DB_PER_DOUBLING = 1.5  # PSNR change when lambda doubles, roughly, across the ladder
     SIZE_GOAL = 0.985  # of target_bytes: the middle of the accepted band [0.97, 1]
     PSNR_MARGIN = 0.05  # dB above target_psnr: the middle of the accepted band
@@ -496,13 +502,20 @@ class _LambdaControl:
         self.t, self.header, self.every = trainer, header, every
         self.target_bytes, self.target_psnr = target_bytes, target_psnr
         self.bounds = (trainer.lmbda * 1e-4, trainer.lmbda * 1e4)  # an unreachable target stops here
+        self.updates = 0
+        self.depths: dict[str, int] = {}
 
     def update(self, it: int, exponents: list[int] | None = None) -> None:
         if it % self.every:
             return
         if exponents is None:
             exponents = _learned_exponents(self.t)
-        quantizer = _Quantizer(self.t)
+        refit = self.updates % self.DEPTH_REFIT == 0
+        self.updates += 1
+        quantizer = _Quantizer(self.t, depths=None if refit else self.depths)
+        if refit:  # the codes are cached: the size or PSNR below reuses them
+            _, codes = quantizer.codes(exponents)
+            self.depths = {n: c.depth for n, c in zip(quantizer.float_params, codes) if isinstance(c, LatentCode)}
         if self.target_bytes is not None:
             size = len(_bitstream(quantizer, exponents, *self.header))
             factor = (size / (self.SIZE_GOAL * self.target_bytes)) ** self.GAIN

@@ -365,11 +365,12 @@ def fit_latent(q: np.ndarray, exponent: int, depth: int | None = None) -> Latent
     return LatentCode(exponent, max_abs, tuple(_refine_pass(m, v, *c, max_abs) if v.size else m for v, c, (m, _) in best))
 
 
-def fit_code(q: np.ndarray, exponent: int, latent: bool = False) -> TensorCode | LatentCode:
+def fit_code(q: np.ndarray, exponent: int, latent: bool = False, depth: int | None = None) -> TensorCode | LatentCode:
     """The code for integers q: support from their range and, fitted to cost the least, the
-    Laplace scale (a weight tensor) or the depth and every pass's model (a latent [C, h, w])."""
+    Laplace scale (a weight tensor) or the depth (unless given) and every pass's model (a
+    latent [C, h, w])."""
     if latent:
-        return fit_latent(q, exponent)
+        return fit_latent(q, exponent, depth)
     max_abs = int(np.abs(q).max()) if q.size else 0
     if max_abs == 0:
         return TensorCode(exponent, 0, 0)

@@ -130,6 +130,27 @@ def test_rate_control_steers_lambda_toward_the_target(crop64, target, raises):
     assert (trainer.lmbda > 1e-3) == raises and 0.5e-3 <= trainer.lmbda <= 2e-3
 
 
+def test_rate_control_reuses_the_latent_depths_between_refits(crop64, monkeypatch):
+    """Training-time control fits the latents' coder depths every DEPTH_REFIT-th update and
+    codes at those depths in between (fitting depths dominates the time of a coding)."""
+    from n2l import encoder
+    config = encoder.HYBRID_CONFIGS[3]
+    trainer = encoder._Trainer(config, 0, to_tensor(crop64), 1e-3, encoder.TrainingConfig())
+    for _ in range(5):
+        trainer.step(1e-2)
+    given = []
+    fit_code = encoder.fit_code
+    monkeypatch.setattr(encoder, "fit_code", lambda *a, **k: given.append(k.get("depth")) or fit_code(*a, **k))
+    control = encoder._LambdaControl(trainer, (64, 64, config), 10**6, None, every=1)
+    for it in range(encoder._LambdaControl.DEPTH_REFIT + 1):
+        given.clear()
+        control.update(it)
+        latents = [d for d, name in zip(given, trainer.params) if name.startswith("coded.")]
+        refit = it % encoder._LambdaControl.DEPTH_REFIT == 0
+        assert latents and all((d is None) == refit for d in latents)
+    assert set(control.depths) == {n for n in trainer.params if n.startswith("coded.")}
+
+
 @pytest.fixture(scope="module")
 def hybrid_quantizer(crop64):
     """A briefly trained hybrid network, quantized at its searched steps."""
