@@ -462,10 +462,10 @@ class _Refinement:
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # Hybrid mode: the latents carry the rate, so size targets start from the level whose typical
-# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7n), interpolated
+# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7n, 7o), interpolated
 # between them (bpp geometrically) and extrapolated above.
 TYPICAL_HYBRID_BPP = (0.16, 0.23, 0.32, 0.45, 0.66, 0.98, 1.43, 2.01, 2.81)
-TYPICAL_HYBRID_PSNR = (25.1, 26.5, 27.9, 29.2, 31.4, 33.6, 35.7, 37.5, 39.0)
+TYPICAL_HYBRID_PSNR = (25.2, 26.5, 27.9, 29.2, 31.4, 33.6, 35.7, 37.5, 39.0)
 
 
 def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
