@@ -6,7 +6,8 @@
 Each target is IMAGE:SIZE (bytes, e.g. 6000B or 20KB) or IMAGE:PSNR (e.g. 30dB), on the centre
 crop of that Kodak image, hybrid mode, default schedule. Every target is followed by a plain
 encode at the quality level rate control picked, timed in the same conditions, for the time
-ratio. Writes bench/results/rate_control.json.
+ratio and its RD point (the controlled stream should lie near the curve through it).
+Writes bench/results/rate_control.json.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
         controlled_s = time.perf_counter() - t
         quality = _quality_for_target("hybrid", img.shape[0] * img.shape[1], target_bytes, target_psnr)
         t = time.perf_counter()
-        n2l.encode(img, quality=quality, mode="hybrid", verbose=False)
+        plain = n2l.encode(img, quality=quality, mode="hybrid", verbose=False)
         plain_s = time.perf_counter() - t
         row = {
             "image": image,
@@ -65,6 +66,8 @@ def main() -> None:
             "psnr": n2l.psnr(n2l.decode(buf, device="cpu"), img),
             "quality": quality,
             "encode_s": controlled_s,
+            "plain_bytes": len(plain),  # where the controlled stream's RD point should lie near
+            "plain_psnr": n2l.psnr(n2l.decode(plain, device="cpu"), img),
             "plain_encode_s": plain_s,
             "time_ratio": controlled_s / plain_s,
         }
