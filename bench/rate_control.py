@@ -66,7 +66,7 @@ def main() -> None:
             "psnr": n2l.psnr(n2l.decode(buf, device="cpu"), img),
             "quality": quality,
             "encode_s": controlled_s,
-            "plain_bytes": len(plain),  # where the controlled stream's RD point should lie near
+            "plain_bytes": len(plain),  # the RD point the controlled stream should lie near
             "plain_psnr": n2l.psnr(n2l.decode(plain, device="cpu"), img),
             "plain_encode_s": plain_s,
             "time_ratio": controlled_s / plain_s,
