@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bitstream, decoder
-from .encoder import MODES, QUALITY_LAMBDAS, encode
+from .encoder import DEFAULT_MODE, MODES, QUALITY_LAMBDAS, encode
 from .images import ImageError, atomic_write, load_image, psnr, save_image
 from .model import PRESETS
 from .weights import decode_tensors, tensor_bits
@@ -115,9 +115,9 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda", dest="lmbda", type=float, default=None,
                    help=f"rate-distortion lambda, overrides --quality's ({QUALITY_LAMBDAS[0]:.0e}.."
                         f"{QUALITY_LAMBDAS[-1]:.0e})")
-    p.add_argument("--mode", choices=MODES, default="pure",
-                   help="pure: latents generated from seeded noise (the paper's design); "
-                        "hybrid: latents transmitted (smaller files at every quality so far)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="hybrid (default): coarse latents transmitted, about a third of pure's bits; "
+                        "pure: every latent generated from seeded noise (the paper's design)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture (decode cost)")
     p.add_argument("--iterations", "-n", type=int, default=None,
                    help="training iterations (default 2000 pure; hybrid 16000, 12000 from quality 5)")

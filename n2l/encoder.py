@@ -15,13 +15,15 @@ Training (loss = MSE + lambda * bits / pixels):
 5. hybrid mode: rate-distortion optimized rounding of the transmitted latents, one value at a
    time (`_Refinement`); then the bitstream is written.
 
-Rate control (a size or PSNR target) steers lambda during training with the real coded size
-or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in the band;
+Rate control (a size or PSNR target) sets lambda during the main phase from probes of the
+stream the quantization-aware phase would end with, steers it during that phase with the real
+coded size or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in the band;
 where the steps are too coarse a knob, latent values are refined one at a time (`_trim`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -79,6 +81,9 @@ HYBRID_CONFIGS = (
     *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2, coded_scales=7) for _ in range(3)),
 )
 MODES = ("pure", "hybrid")
+# Hybrid is the default: about a third of the pure mode's bits at equal PSNR (BD-rate -68%,
+# bench/RESULTS.md 7b); pure, the paper's latent-free design, stays one argument away.
+DEFAULT_MODE = "hybrid"
 # Training iterations per mode and quality. Hybrid mode keeps gaining to 16000 (bench/RESULTS.md
 # 5, 7f, 7k); its levels 5-8 (every scale coded: slower steps) stop at 12000 to stay inside
 # 5 minutes per 256x256 crop on 2 CPU cores (a level-5 encode took 243 s at 16000).
@@ -234,6 +239,11 @@ class _Trainer:
         self.opt = torch.optim.Adam([*self.params.values(), self.rate.log2_steps], lr=tc.lr)
         self.pixels = target.shape[-2] * target.shape[-1]
         self.loss = math.inf
+
+    def copy(self) -> _Trainer:
+        """An independent copy (network, rate proxy, optimizer state) sharing the target and noise."""
+        shared = {id(self.target): self.target, **{id(z): z for z in self.noise if z is not None}}
+        return copy.deepcopy(self, memo=shared)
 
     def step(self, lr: float, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """One Adam step; `params` overrides the (noisy) weights. Returns (loss, mse, bpp) as
@@ -483,17 +493,27 @@ def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target
 class _LambdaControl:
     """Steers the training lambda toward a size or PSNR target (rate control by training).
 
-    Every `every` steps the network is quantized (at its learned steps, or during the
-    quantization-aware phase at the final ones) and coded for real; lambda then moves
-    geometrically toward the target: by (size / goal)^gain for a size, by
-    2^(gain * (PSNR - goal) / DB_PER_DOUBLING) for a PSNR. One training run thus lands near
-    the target, and the step search after it only has the last few percent to find.
-    The latents' coder depths are refitted only every DEPTH_REFIT-th update (fitting them is
-    most of a coding's time, and they rarely change between updates).
+    Main phase: the size and PSNR of its network say little about the final stream, because
+    the quantization-aware phase changes them a lot, by an amount that depends on the image
+    and on lambda (on a textured crop: x1.37 at lambda 5e-3, x0.51 at 5e-2; bench/RESULTS.md
+    7p). So at PROBE_AT of the main phase `probe` runs the quantization-aware phase on a copy
+    of the network, measures the stream it would end with, and sets lambda from it: by the
+    typical slope of size (or PSNR) against lambda after one probe, by the secant through the
+    two after the second. If the first probe moves lambda far, the main phase starts over at
+    the new lambda. Between probes lambda stays fixed.
+    Quantization-aware phase: every `every` steps the network is quantized at its final steps
+    and coded for real, and lambda moves geometrically toward the goal: by (size / goal)^gain
+    for a size, by 2^(gain * (PSNR - goal) / DB_PER_DOUBLING) for a PSNR. The latents' coder
+    depths are refitted only every DEPTH_REFIT-th update (fitting them is most of a coding's
+    time, and they rarely change between updates).
     """
 
     GAIN = 0.5
     DEPTH_REFIT = 8
+    PROBE_AT = (0.1, 0.4)  # fractions of the main phase
+    RESTART_FACTOR = 1.5  # the first probe moved lambda more than this: train again from scratch
+    SIZE_SLOPE = 0.6  # -d log(size) / d log(lambda) across the hybrid ladder (bpp 0.16-0.45 for 5.7x lambda)
+    SLOPE_RANGE = (0.2, 2.0)  # what a secant may measure before it is taken for noise
     DB_PER_DOUBLING = 1.5  # PSNR change when lambda doubles, roughly, across the ladder
     SIZE_GOAL = 0.985  # of target_bytes: the middle of the accepted band [0.97, 1]
     PSNR_MARGIN = 0.05  # dB above target_psnr: the middle of the accepted band
@@ -504,25 +524,81 @@ class _LambdaControl:
         self.bounds = (trainer.lmbda * 1e-4, trainer.lmbda * 1e4)  # an unreachable target stops here
         self.updates = 0
         self.depths: dict[str, int] = {}
+        self.probed: list[tuple[float, float]] = []  # (log lambda, log size or PSNR in dB) per probe
 
-    def update(self, it: int, exponents: list[int] | None = None) -> None:
+    def _measure(self, exponents: list[int], depths: dict[str, int] | None = None,
+                 trainer: _Trainer | None = None) -> tuple[_Quantizer, float]:
+        """(quantizer, log size in bytes or PSNR in dB, whichever the target is) at these steps."""
+        quantizer = _Quantizer(trainer or self.t, depths=depths)
+        if self.target_bytes is not None:
+            return quantizer, math.log(len(_bitstream(quantizer, exponents, *self.header)))
+        return quantizer, quantizer.psnr(exponents)
+
+    @property
+    def _goal(self) -> float:
+        if self.target_bytes is not None:
+            return math.log(self.SIZE_GOAL * self.target_bytes)
+        return self.target_psnr + self.PSNR_MARGIN
+
+    @property
+    def _slope(self) -> float:
+        """d (log size or PSNR) / d log lambda: typical, or the secant through the last two probes."""
+        typical = -self.SIZE_SLOPE if self.target_bytes is not None else -self.DB_PER_DOUBLING / math.log(2)
+        if len(self.probed) < 2 or self.probed[-1][0] == self.probed[-2][0]:
+            return typical
+        (x0, y0), (x1, y1) = self.probed[-2:]
+        secant, lo, hi = (y1 - y0) / (x1 - x0), *self.SLOPE_RANGE
+        return secant if lo * abs(typical) <= -secant <= hi * abs(typical) else typical
+
+    def needs_probe(self, it: int, n_main: int) -> bool:
+        """Whether the main phase should probe now (once at each PROBE_AT)."""
+        return len(self.probed) < len(self.PROBE_AT) and it >= self.PROBE_AT[len(self.probed)] * n_main
+
+    def probe(self, n: int) -> bool:
+        """Run the quantization-aware phase (step search, n hard-rounding steps) on a copy of the
+        network, measure the stream it ends with, and move lambda to where that would meet the
+        goal (at most 16x either way). Costs n training steps. Returns whether the main phase
+        should start over at the new lambda (the first probe moved it by over RESTART_FACTOR:
+        early training at a lambda far off leaves a network that later training does not
+        repair, bench/RESULTS.md 7p)."""
+        twin = self.t.copy()
+        quantizer = _Quantizer(twin)
+        exponents = quantizer.search(_learned_exponents(twin), passes=2, reach=4)
+        _fine_tune(twin, exponents, n)
+        _, measured = self._measure(exponents, trainer=twin)
+        self.probed.append((math.log(self.t.lmbda), measured))
+        step = max(-math.log(16), min(math.log(16), (self._goal - measured) / self._slope))
+        self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * math.exp(step)))
+        return len(self.probed) == 1 and abs(step) > math.log(self.RESTART_FACTOR)
+
+    def update(self, it: int, exponents: list[int]) -> None:
+        """Quantization-aware phase: code the network at its final steps and move lambda."""
         if it % self.every:
             return
-        if exponents is None:
-            exponents = _learned_exponents(self.t)
         refit = self.updates % self.DEPTH_REFIT == 0
         self.updates += 1
-        quantizer = _Quantizer(self.t, depths=None if refit else self.depths)
-        if refit:  # the codes are cached: the size or PSNR below reuses them
+        quantizer, measured = self._measure(exponents, depths=None if refit else self.depths)
+        if refit:  # the codes are cached by the measurement above
             _, codes = quantizer.codes(exponents)
             self.depths = {n: c.depth for n, c in zip(quantizer.float_params, codes) if isinstance(c, LatentCode)}
         if self.target_bytes is not None:
-            size = len(_bitstream(quantizer, exponents, *self.header))
-            factor = (size / (self.SIZE_GOAL * self.target_bytes)) ** self.GAIN
+            factor = math.exp(measured - self._goal) ** self.GAIN
         else:
-            psnr = quantizer.psnr(exponents)
-            factor = 2.0 ** (self.GAIN * (psnr - self.target_psnr - self.PSNR_MARGIN) / self.DB_PER_DOUBLING)
+            factor = 2.0 ** (self.GAIN * (measured - self._goal) / self.DB_PER_DOUBLING)
         self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * min(2.0, max(0.5, factor))))
+
+
+def _fine_tune(trainer: _Trainer, exponents: list[int], n: int, report=None, control=None) -> None:
+    """Quantization-aware phase: n steps with hard rounding (straight-through) at fixed steps,
+    the learning rate on a cosine from qat_lr; a rate control steers during its first 80%."""
+    trainer.rate.fix(exponents)
+    for it in range(n):
+        lr = trainer.tc.qat_lr * _lr_factor(it, n, 1)
+        out = trainer.step(lr, _straight_through(trainer.params, exponents))
+        if report:
+            report(*out, it)
+        if control and it < 0.8 * n:
+            control.update(it, exponents)
 
 
 def _learned_exponents(trainer: _Trainer) -> list[int]:
@@ -727,7 +803,7 @@ def encode(
     image: ImageLike,
     quality: int = 4,
     *,
-    mode: str = "pure",
+    mode: str = DEFAULT_MODE,
     preset: str | None = None,
     lmbda: float | None = None,
     config: ModelConfig | None = None,
@@ -794,15 +870,22 @@ def encode(
             report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
     trainer = min(trainers, key=lambda t: t.loss)
     del trainers
-    # Rate control steers lambda from 20% of the main phase (once the latents have formed)
-    # until 80% of the fine-tuning, then the step search lands on the target.
+    # Rate control sets lambda from probes of the final stream during the main phase and steers
+    # it until 80% of the fine-tuning, then the step search lands on the target.
     control = None
     if target_bytes is not None or target_psnr is not None:
         control = _LambdaControl(trainer, (width, height, cfg), target_bytes, target_psnr, every=25)
-    for it in range(n_candidate, n_main):
+    it = n_candidate
+    while it < n_main:
         report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
-        if control and n_main // 5 <= it:
-            control.update(it)
+        it += 1
+        if control and control.needs_probe(it, n_main):
+            bar.set_description("n2l probe")
+            if control.probe(n_qat):  # lambda was far off: its early training would cost RD
+                trainer = control.t = _Trainer(cfg, trainer.seed, target, trainer.lmbda, tc)
+                bar.total += it
+                it = 0
+            bar.set_description("n2l encode")
 
     # Per-tensor steps: start from the learned ones, search with the real coded size, then
     # fine-tune at those steps with hard rounding (straight-through) and polish the search.
@@ -815,12 +898,7 @@ def encode(
         exponents = _restart(quantizer, found or exponents, beyond, header, target_bytes)
 
     def fine_tune(n: int) -> None:
-        trainer.rate.fix(exponents)
-        for it in range(n):
-            lr = tc.qat_lr * _lr_factor(it, n, 1)
-            report(*trainer.step(lr, _straight_through(trainer.params, exponents)), it)
-            if control and it < 0.8 * n:
-                control.update(it, exponents)
+        _fine_tune(trainer, exponents, n, report, control)
 
     bar.set_description("n2l fine-tune")
     fine_tune(n_qat)

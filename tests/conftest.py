@@ -19,13 +19,13 @@ def crop64() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def encoded64(crop64) -> bytes:
-    """crop64 encoded at the default quality with a short schedule."""
-    return n2l.encode(crop64, quality=4, iterations=400, verbose=False)
+    """crop64 encoded in pure mode at the default quality with a short schedule."""
+    return n2l.encode(crop64, quality=4, mode="pure", iterations=400, verbose=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_stream() -> bytes:
-    """A very small valid stream (12x10 RGB, fast preset) for exhaustive corruption tests."""
+    """A very small valid stream (12x10 RGB, pure mode, fast preset) for exhaustive corruption tests."""
     rng = np.random.default_rng(0)
     img = (rng.random((10, 12, 3)) * 255).astype(np.uint8)
-    return n2l.encode(img, quality=0, iterations=20, verbose=False)
+    return n2l.encode(img, quality=0, mode="pure", iterations=20, verbose=False)

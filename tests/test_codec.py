@@ -1,5 +1,7 @@
 """End-to-end codec behaviour through the public API (torch reference decoder)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from PIL import Image
 
 import n2l
 from n2l.decoder import backend_available
+from n2l.encoder import MODES
 from n2l.images import ImageError, to_tensor
 
 
@@ -36,19 +39,27 @@ def test_decoding_is_deterministic(encoded64):
     assert np.array_equal(a, b)
 
 
-def test_quality_orders_rate():
+@pytest.mark.parametrize("mode", MODES)
+def test_quality_orders_rate(mode):
     rng = np.random.default_rng(3)
     img = np.asarray(Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((24, 24)))
-    low = n2l.encode(img, quality=0, iterations=60, verbose=False)
-    high = n2l.encode(img, quality=8, iterations=60, verbose=False)
+    low = n2l.encode(img, quality=0, mode=mode, iterations=60, verbose=False)
+    high = n2l.encode(img, quality=8, mode=mode, iterations=60, verbose=False)
     assert len(low) < len(high)
 
 
+def test_default_mode_is_hybrid():
+    """Hybrid (transmitted coarse latents) is the default: a third of pure's bits (RESULTS 7b)."""
+    img = np.random.default_rng(5).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert n2l.read_header(n2l.encode(img, iterations=5, verbose=False)).config.coded_scales > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (5, 3, 1), (9, 16)])
-def test_odd_sizes_and_grayscale(shape):
+def test_odd_sizes_and_grayscale(shape, mode):
     rng = np.random.default_rng(sum(shape))
     img = (rng.random(shape) * 255).astype(np.uint8)
-    buf = n2l.encode(img, quality=2, iterations=30, verbose=False)
+    buf = n2l.encode(img, quality=2, mode=mode, iterations=30, verbose=False)
     out = n2l.decode(buf, device="cpu", backend="torch")
     expected_channels = shape[2] if len(shape) == 3 else 1
     assert out.shape == (shape[0], shape[1], expected_channels)
@@ -90,11 +101,11 @@ def test_mode_conversions_and_rejections(crop64):
 
 def test_rate_control_never_exceeds_the_target_size(crop64):
     target = 700
-    buf = n2l.encode(crop64, target_bytes=target, iterations=60, verbose=False)
+    buf = n2l.encode(crop64, mode="pure", target_bytes=target, iterations=60, verbose=False)
     assert len(buf) <= target
     assert len(buf) >= 0.5 * target  # the controller uses the budget, not a token stream
     with pytest.raises(ValueError, match="smallest stream"):
-        n2l.encode(crop64, target_bytes=20, iterations=10, verbose=False)
+        n2l.encode(crop64, mode="pure", target_bytes=20, iterations=10, verbose=False)
 
 
 def test_hybrid_mode_round_trip(crop64):
@@ -120,13 +131,13 @@ def test_hybrid_rate_control_never_exceeds_the_target_size(crop64):
                                                 ({"target_psnr": 3.0}, True), ({"target_psnr": 90.0}, False)])
 def test_rate_control_steers_lambda_toward_the_target(crop64, target, raises):
     """Training-time rate control: a stream too large (or a PSNR to spare) raises lambda."""
-    from n2l.encoder import HYBRID_CONFIGS, TrainingConfig, _LambdaControl, _Trainer
+    from n2l.encoder import HYBRID_CONFIGS, TrainingConfig, _LambdaControl, _learned_exponents, _Trainer
     config = HYBRID_CONFIGS[3]
     trainer = _Trainer(config, 0, to_tensor(crop64), 1e-3, TrainingConfig())
     for _ in range(5):
         trainer.step(1e-2)
     control = _LambdaControl(trainer, (64, 64, config), target.get("target_bytes"), target.get("target_psnr"), every=1)
-    control.update(0)
+    control.update(0, _learned_exponents(trainer))
     assert (trainer.lmbda > 1e-3) == raises and 0.5e-3 <= trainer.lmbda <= 2e-3
 
 
@@ -144,7 +155,7 @@ def test_rate_control_reuses_the_latent_depths_between_refits(crop64, monkeypatc
     control = encoder._LambdaControl(trainer, (64, 64, config), 10**6, None, every=1)
     for it in range(encoder._LambdaControl.DEPTH_REFIT + 1):
         given.clear()
-        control.update(it)
+        control.update(it, encoder._learned_exponents(trainer))
         latents = [d for d, name in zip(given, trainer.params) if name.startswith("coded.")]
         refit = it % encoder._LambdaControl.DEPTH_REFIT == 0
         assert latents and all((d is None) == refit for d in latents)
@@ -223,3 +234,30 @@ def test_controlled_fine_tuning_restarts_nearer_the_goal(monkeypatch, found_size
     monkeypatch.setattr(encoder, "_bitstream", lambda quantizer, exponents, *header: bytes(sizes[exponents[0]]))
     beyond = ["beyond"] if beyond_size else None
     assert encoder._restart(None, ["found"], beyond, (), target_bytes) == [start]
+
+
+def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monkeypatch):
+    """A probe runs the quantization-aware phase on a copy (the network is untouched) and moves
+    lambda by the typical slope (a far move restarts the main phase), the second probe by the
+    secant through both."""
+    from n2l import encoder
+    config = encoder.HYBRID_CONFIGS[0]
+    trainer = encoder._Trainer(config, 0, to_tensor(crop64), 2e-2, encoder.TrainingConfig())
+    for _ in range(30):
+        trainer.step(1e-2)
+    before = {n: p.detach().clone() for n, p in trainer.params.items()}
+    control = encoder._LambdaControl(trainer, (64, 64, config), 10**6, None, every=1)
+    first, second = (round(100 * f) for f in control.PROBE_AT)
+    assert not control.needs_probe(first - 1, 100) and control.needs_probe(first, 100)
+    assert control.probe(30)  # moved far: start over
+    assert all(torch.equal(before[n], p) for n, p in trainer.params.items())
+    assert trainer.lmbda == pytest.approx(2e-2 / 16)  # a huge target: the largest move down
+    assert not control.needs_probe(second - 1, 100) and control.needs_probe(second, 100)
+    # The second probe: sizes e^8 at lambda 1e-2 and e^7 at lambda 4e-2, a secant of -1 / ln 4.
+    control.probed = [(math.log(1e-2), 8.0)]
+    trainer.lmbda = 4e-2
+    monkeypatch.setattr(control, "_measure", lambda *a, **k: (None, 7.0))
+    control.target_bytes = round(math.exp(6.0) / control.SIZE_GOAL)
+    assert not control.probe(1)  # only the first probe restarts
+    assert trainer.lmbda == pytest.approx(4e-2 * 4, rel=1e-2)  # the goal is one more e down: lambda x4
+    assert not control.needs_probe(99, 100)

@@ -121,7 +121,7 @@ def test_eval_cli_with_real_n2l(tmp_path):
     import n2l
 
     out = tmp_path / "out"
-    rc = main([*map(str, IMAGES), "--qualities", "2,6", "--iterations", "30", "--codecs", "jpeg",
+    rc = main([*map(str, IMAGES), "--qualities", "2,6", "--iterations", "30", "--mode", "pure", "--codecs", "jpeg",
                "-o", str(out), "--quiet"])
     assert rc == 0
     _check_outputs(out, ["n2l", "jpeg420", "jpeg444"], len(IMAGES) * (2 + 12 + 12))

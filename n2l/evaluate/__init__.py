@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..encoder import DEFAULT_MODE, MODES
 from .anchors import default_anchor_dir, is_full_kodak, load_kodak_anchors
 from .bdrate import BDWarning, bd_psnr, bd_rate
 from .codecs import CLASSICAL_CODECS, Codec, N2LCodec, classical_codecs, parse_codec_names
@@ -163,8 +164,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qualities", nargs="+", default=["0,2,4,6,8"], metavar="Q",
                         help="n2l qualities (0..8), e.g. '0 2 4' or '0,2,4' or '0-8' (default 0,2,4,6,8)")
     parser.add_argument("--iterations", type=int, default=None, help="n2l training iterations (default: n2l's)")
-    parser.add_argument("--mode", default="pure", choices=("pure", "hybrid"),
-                        help="n2l mode: pure (generated latents) or hybrid (transmitted latents)")
+    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODES,
+                        help=f"n2l mode: hybrid (transmitted coarse latents) or pure (generated latents); "
+                             f"default {DEFAULT_MODE}")
     parser.add_argument("--preset", default=None, help="n2l model preset (default: n2l's choice per quality)")
     parser.add_argument("--lmbda", type=float, default=None, help="n2l rate-distortion lambda override")
     parser.add_argument("--seeds", type=int, default=1, help="n2l seeds tried per image (default 1)")

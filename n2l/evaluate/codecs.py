@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..encoder import DEFAULT_MODE
+
 CLASSICAL_CODECS = ("jpeg420", "jpeg444", "webp", "avif", "jxl", "hevc")
 # Aliases accepted by --codecs: "jpeg" means both chroma subsamplings.
 CODEC_ALIASES = {"jpeg": ("jpeg420", "jpeg444")}
@@ -280,7 +282,7 @@ class N2LCodec:
         self,
         qualities: Sequence[int] = (0, 2, 4, 6, 8),
         *,
-        mode: str = "pure",
+        mode: str = DEFAULT_MODE,
         preset: str | None = None,
         iterations: int | None = None,
         lmbda: float | None = None,
