@@ -892,10 +892,9 @@ def encode(
     header = (width, height, cfg)
     bar.set_description("n2l quantize")
     quantizer = _Quantizer(trainer)
+    # Under rate control too: the probes set lambda for the stream after fine-tuning, which
+    # changes the size a lot, so steps searched to fit the target now would be too coarse.
     exponents = quantizer.search(_learned_exponents(trainer), passes=2, reach=4)
-    if control:  # start fine-tuning at the target, not where the training lambda's search lands
-        found, _, beyond = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)
-        exponents = _restart(quantizer, found or exponents, beyond, header, target_bytes)
 
     def fine_tune(n: int) -> None:
         _fine_tune(trainer, exponents, n, report, control)
