@@ -17,8 +17,9 @@ Training (loss = MSE + lambda * bits / pixels):
 
 Rate control (a size or PSNR target) sets lambda during the main phase from probes of the
 stream the quantization-aware phase would end with, steers it during that phase with the real
-coded size or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in the band;
-where the steps are too coarse a knob, latent values are refined one at a time (`_trim`).
+coded size or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in
+the band; where the steps are too coarse a knob, latent values are refined one at a time
+(`_trim`).
 """
 
 from __future__ import annotations
