@@ -569,7 +569,7 @@ class _LambdaControl:
         _, measured = self._measure(exponents, trainer=twin)
         self.probed.append((math.log(self.t.lmbda), measured))
         step = max(-math.log(16), min(math.log(16), (self._goal - measured) / self._slope))
-        self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * math.exp(step)))
+        self._scale_lambda(math.exp(step))
         return len(self.probed) == 1 and abs(step) > math.log(self.RESTART_FACTOR)
 
     def update(self, it: int, exponents: list[int]) -> None:
@@ -586,7 +586,10 @@ class _LambdaControl:
             factor = math.exp(measured - self._goal) ** self.GAIN
         else:
             factor = 2.0 ** (self.GAIN * (measured - self._goal) / self.DB_PER_DOUBLING)
-        self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * min(2.0, max(0.5, factor))))
+        self._scale_lambda(min(2.0, max(0.5, factor)))
+
+    def _scale_lambda(self, factor: float) -> None:
+        self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * factor))
 
 
 def _fine_tune(trainer: _Trainer, exponents: list[int], n: int, report=None, control=None) -> None:
@@ -897,11 +900,8 @@ def encode(
     # changes the size a lot, so steps searched to fit the target now would be too coarse.
     exponents = quantizer.search(_learned_exponents(trainer), passes=2, reach=4)
 
-    def fine_tune(n: int) -> None:
-        _fine_tune(trainer, exponents, n, report, control)
-
     bar.set_description("n2l fine-tune")
-    fine_tune(n_qat)
+    _fine_tune(trainer, exponents, n_qat, report, control)
     quantizer = _Quantizer(trainer)
     if control is None:
         exponents = quantizer.search(exponents, passes=1, reach=1)
@@ -918,7 +918,7 @@ def encode(
                 break
             exponents = _restart(quantizer, found or exponents, beyond, header, target_bytes)
             bar.total += n_qat // 2
-            fine_tune(n_qat // 2)
+            _fine_tune(trainer, exponents, n_qat // 2, report, control)
             quantizer = _Quantizer(trainer)
         if not landed and cfg.coded_scales:  # the steps are too coarse a knob here
             quantizer, found = _land(quantizer, found, beyond, header, target_bytes, target_psnr)
