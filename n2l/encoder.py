@@ -1,18 +1,18 @@
 """Per-image encoder: overfit an n2l network with a rate-distortion loss, quantize, entropy-code.
 
-Training (loss = MSE + lambda * bits / pixels):
-1. candidates: with `seeds` > 1, train one network per noise seed briefly and keep the best;
-2. main phase: Adam with linear warm-up and cosine decay; weights (and, in hybrid mode, the
+Training (loss = MSE + lambda * bits / pixels), for each noise seed (with `seeds` > 1, the
+candidates run side by side on threads and the stream of lowest RD cost is kept):
+1. main phase: Adam with linear warm-up and cosine decay; weights (and, in hybrid mode, the
    transmitted latents, which are parameters too) see additive uniform noise of one
    quantization step (a differentiable proxy of rounding); each tensor's rate is its
    information content under a Laplace fitted to it (for latents, under a checkerboard model
    simpler than the coder's, which trains better: bench/RESULTS.md 7j), with a learned step
    per tensor;
-3. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
+2. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
    size (constriction), starting from the learned steps;
-4. quantization-aware phase: hard rounding with straight-through gradients at those steps
+3. quantization-aware phase: hard rounding with straight-through gradients at those steps
    (the rate proxy evaluated at those steps too) and a last local search;
-5. hybrid mode: rate-distortion optimized rounding of the transmitted latents, one value at a
+4. hybrid mode: rate-distortion optimized rounding of the transmitted latents, one value at a
    time (`_Refinement`); then the bitstream is written.
 
 Rate control (a size or PSNR target) sets lambda during the main phase from probes of the
@@ -27,8 +27,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -114,7 +116,6 @@ class TrainingConfig:
     qat_fraction: float = 0.1  # final hard-rounding phase
     qat_lr: float = 1e-3
     grad_clip: float = 1.0
-    candidate_iterations: int = 100  # per candidate when seeds > 1
     init_log2_step: float = -8.0
     coarse_latent_rate: float = 1.0  # weight of the coarse coded latents' proxy bits
 
@@ -212,9 +213,10 @@ class _RateProxy:
         """Freeze the steps at 2^-exponents (quantization-aware phase: rate at the real steps)."""
         self.log2_steps.requires_grad_(False).copy_(-torch.tensor(exponents, dtype=torch.float32))
 
-    def noisy(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def noisy(self, params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         steps = torch.exp2(self.log2_steps)
-        return {n: p + (torch.rand_like(p) - 0.5) * steps[i] for i, (n, p) in enumerate(params.items())}
+        return {n: p + (torch.rand(p.shape, generator=generator, device=p.device) - 0.5) * steps[i]
+                for i, (n, p) in enumerate(params.items())}
 
 
 def _psnr_from_mse(mse: float) -> float:
@@ -227,13 +229,24 @@ def _lr_factor(it: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
 
 
+_GLOBAL_RNG = threading.Lock()  # candidates on threads seed their initialization in turn
+
+
 class _Trainer:
-    """One candidate: a network, its fixed noise, its rate proxy and optimizer."""
+    """One candidate: a network, its fixed noise, its rate proxy, optimizer and random stream."""
 
     def __init__(self, config: ModelConfig, seed: int, target: torch.Tensor, lmbda: float, tc: TrainingConfig):
         self.seed, self.target, self.lmbda, self.tc = seed, target, lmbda, tc
-        torch.manual_seed(seed)
-        self.model = N2LModel(config, target.shape[-2], target.shape[-1]).to(target.device)
+        # The initialization draws from torch's seeded global generator (restored afterwards);
+        # the training noise from the trainer's own generator, which continues that stream.
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            self.model = N2LModel(config, target.shape[-2], target.shape[-1]).to(target.device)
+            self.generator = torch.Generator(target.device)
+            if target.device.type == "cpu":
+                self.generator.set_state(torch.get_rng_state())
+            else:  # the initialization drew on the CPU: the device's stream starts at the seed
+                self.generator.manual_seed(seed)
         self.noise = self.model.noise(seed, target.shape[-2], target.shape[-1])
         self.rate = _RateProxy(self.model, tc.init_log2_step, tc.coarse_latent_rate)
         self.params = dict(self.model.named_parameters())
@@ -251,7 +264,7 @@ class _Trainer:
         0-dim tensors: reading them waits for a GPU, so the caller reads only what it shows."""
         for group in self.opt.param_groups:
             group["lr"] = lr
-        used = params if params is not None else self.rate.noisy(self.params)
+        used = params if params is not None else self.rate.noisy(self.params, self.generator)
         out = functional_call(self.model, used, (self.noise,))
         mse = F.mse_loss(out, self.target)
         bpp = self.rate.bits(self.params) / self.pixels
@@ -826,8 +839,9 @@ def encode(
     `lmbda` overrides the lambda. `mode` is "pure" (the paper's design: every latent is
     generated from seeded noise) or "hybrid" (the coarse latent scales are transmitted, see
     HYBRID_CONFIGS; with `preset`, all of them; 12000-16000 iterations by default instead of 2000).
-    `seeds` > 1 trains that many candidates (noise seeds seed, seed+1, ...) briefly and keeps
-    the best. `verbose` shows a progress bar.
+    `seeds` > 1 encodes that many candidates (noise seeds seed, seed+1, ...) side by side, each
+    on its share of torch's threads, and keeps the stream of lowest MSE + lambda * bpp (under
+    rate control: the best one that meets the target). `verbose` shows progress bars.
 
     Rate control: `target_bytes` gives the largest stream not above that size (aiming within
     3% under it), `target_psnr` the smallest stream reaching that PSNR (aiming within 0.1 dB);
@@ -855,12 +869,40 @@ def encode(
     device = torch.device(device)
     target = to_tensor(array).to(device)
 
+    candidate = functools.partial(_encode_seed, target=target, lam=lam, cfg=cfg, tc=tc, target_bytes=target_bytes,
+                                  target_psnr=target_psnr, verbose=verbose, several=seeds > 1)
+    if seeds == 1:
+        return candidate(seed)[0]
+    # Side by side on threads, each with an equal share of torch's threads: a training step is
+    # mostly small ops that one thread runs nearly as fast as two (bench/RESULTS.md 7q).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // seeds))
+    try:
+        with ThreadPoolExecutor(seeds) as pool:
+            results = list(pool.map(candidate, [(seed + k) & 0xFFFFFFFF for k in range(seeds)], range(seeds)))
+    finally:
+        torch.set_num_threads(threads)
+    pixels = height * width
+    if target_bytes is not None:  # every candidate fits: the best PSNR
+        return min(results, key=lambda r: r[1])[0]
+    if target_psnr is not None:  # the smallest that reaches the target, else the best PSNR
+        goal = 10 ** (-target_psnr / 10)
+        return min(results, key=lambda r: (r[1] > goal, len(r[0]) if r[1] <= goal else r[1]))[0]
+    return min(results, key=lambda r: r[1] + lam * 8 * len(r[0]) / pixels)[0]
+
+
+def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: float, cfg: ModelConfig,
+                 tc: TrainingConfig, target_bytes: int | None, target_psnr: float | None,
+                 verbose: bool, several: bool) -> tuple[bytes, float]:
+    """One candidate of `encode` (noise seed `seed`, progress bar at `position`): its
+    bitstream and the MSE (on [0, 1]) of its 8-bit decoded image."""
+    height, width = target.shape[-2:]
     n_qat = int(tc.iterations * tc.qat_fraction)
     n_main = tc.iterations - n_qat
     warmup = max(1, int(n_main * tc.warmup_fraction))
-    n_candidate = min(tc.candidate_iterations, n_main) if seeds > 1 else 0
-    total = n_candidate * seeds + (n_main - n_candidate) + n_qat
-    bar = tqdm(total=total, disable=not verbose, unit="it", desc="n2l encode", dynamic_ncols=True)
+    name = f"n2l seed {seed}" if several else "n2l"
+    bar = tqdm(total=n_main + n_qat, disable=not verbose, unit="it", desc=f"{name} encode", dynamic_ncols=True,
+               position=position)
     started = time.perf_counter()
 
     def report(loss: torch.Tensor, mse: torch.Tensor, bpp: torch.Tensor, it: int) -> None:
@@ -868,51 +910,46 @@ def encode(
         if verbose and it % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.2e}", psnr=f"{_psnr_from_mse(float(mse)):.2f}", bpp=f"{float(bpp):.3f}")
 
-    trainers = [_Trainer(cfg, (seed + k) & 0xFFFFFFFF, target, lam, tc) for k in range(seeds)]
-    for trainer in trainers:
-        for it in range(n_candidate):
-            report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
-    trainer = min(trainers, key=lambda t: t.loss)
-    del trainers
+    trainer = _Trainer(cfg, seed, target, lam, tc)
     # Rate control sets lambda from probes of the final stream during the main phase and steers
     # it until 80% of the fine-tuning, then the step search lands on the target.
     control = None
     if target_bytes is not None or target_psnr is not None:
         control = _LambdaControl(trainer, (width, height, cfg), target_bytes, target_psnr, every=25)
-    it = n_candidate
+    it = 0
     while it < n_main:
         report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
         it += 1
         if control and control.needs_probe(it, n_main):
-            bar.set_description("n2l probe")
+            bar.set_description(f"{name} probe")
             if control.probe(n_qat):  # lambda was far off: its early training would cost RD
                 trainer = control.t = _Trainer(cfg, trainer.seed, target, trainer.lmbda, tc)
                 bar.total += it
                 it = 0
-            bar.set_description("n2l encode")
+            bar.set_description(f"{name} encode")
 
     # Per-tensor steps: start from the learned ones, search with the real coded size, then
     # fine-tune at those steps with hard rounding (straight-through) and polish the search.
     header = (width, height, cfg)
-    bar.set_description("n2l quantize")
+    bar.set_description(f"{name} quantize")
     quantizer = _Quantizer(trainer)
     # Under rate control too: the probes set lambda for the stream after fine-tuning, which
     # changes the size a lot, so steps searched to fit the target now would be too coarse.
     exponents = quantizer.search(_learned_exponents(trainer), passes=2, reach=4)
 
-    bar.set_description("n2l fine-tune")
+    bar.set_description(f"{name} fine-tune")
     _fine_tune(trainer, exponents, n_qat, report, control)
     quantizer = _Quantizer(trainer)
     if control is None:
         exponents = quantizer.search(exponents, passes=1, reach=1)
         if cfg.coded_scales:
-            bar.set_description("n2l refine")
+            bar.set_description(f"{name} refine")
             quantizer = _refine(quantizer, exponents)
     else:
         # Missing the band means the last steps of training moved the size: fine-tune a little
         # longer under control (a warm start, not a new encode) and search again.
         for retry in range(RATE_CONTROL_RETRIES + 1):
-            bar.set_description("n2l rate control")
+            bar.set_description(f"{name} rate control")
             found, landed, beyond = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)
             if landed or retry == RATE_CONTROL_RETRIES or n_qat < 2:
                 break
@@ -938,4 +975,4 @@ def encode(
     bar.set_postfix(psnr=f"{_psnr_from_mse(mse):.2f}", bpp=f"{8 * len(buf) / (width * height):.3f}",
                     time=f"{time.perf_counter() - started:.1f}s")
     bar.close()
-    return buf
+    return buf, mse

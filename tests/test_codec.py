@@ -99,6 +99,44 @@ def test_mode_conversions_and_rejections(crop64):
         n2l.encode(crop64, quality=9)
 
 
+def _rd_cost(img: np.ndarray, buf: bytes, quality: int) -> float:
+    mse = np.mean((n2l.decode(buf, device="cpu").astype(np.float64) - img) ** 2) / 255**2
+    return mse + n2l.encoder.QUALITY_LAMBDAS[quality] * 8 * len(buf) / (img.shape[0] * img.shape[1])
+
+
+def test_seed_candidates_keep_the_best_single_seed_stream(crop64):
+    """seeds=2 runs both seeds' whole encodes side by side (one torch thread each) and keeps
+    the lower RD cost: the same bytes as the better single-seed encode on one thread."""
+    img = crop64[:32, :32]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        singles = [n2l.encode(img, 3, iterations=40, seed=s, verbose=False) for s in (7, 8)]
+        torch.set_num_threads(2)
+        both = n2l.encode(img, 3, iterations=40, seeds=2, seed=7, verbose=False)
+        again = n2l.encode(img, 3, iterations=40, seeds=2, seed=7, verbose=False)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert singles[0] != singles[1]
+    assert both == again  # the threads do not change the result
+    assert both == min(singles, key=lambda b: _rd_cost(img, b, 3))
+
+
+def test_seed_candidates_under_rate_control_stay_under_the_target(crop64):
+    buf = n2l.encode(crop64[:32, :32], iterations=40, seeds=2, target_bytes=300, verbose=False)
+    assert 0.5 * 300 <= len(buf) <= 300
+
+
+def test_encoding_leaves_the_global_random_state_alone():
+    img = np.random.default_rng(4).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    n2l.encode(img, iterations=5, verbose=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_rate_control_never_exceeds_the_target_size(crop64):
     target = 700
     buf = n2l.encode(crop64, mode="pure", target_bytes=target, iterations=60, verbose=False)
