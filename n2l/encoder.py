@@ -513,9 +513,8 @@ class _LambdaControl:
     7p). So at PROBE_AT of the main phase `probe` runs the quantization-aware phase on a copy
     of the network, measures the stream it would end with, and sets lambda from it: by the
     typical slope of size (or PSNR) against lambda after one probe, by the secant through the
-    two after the second (if they are SECANT_SPREAD apart in lambda, else the typical slope).
-    If the first probe moves lambda far, the main phase starts over at the new lambda. Between
-    probes lambda stays fixed.
+    two after the second. If the first probe moves lambda far, the main phase starts over at
+    the new lambda. Between probes lambda stays fixed.
     Quantization-aware phase: every `every` steps the network is quantized at its final steps
     and coded for real, and lambda moves geometrically toward the goal: by (size / goal)^gain
     for a size, by 2^(gain * (PSNR - goal) / DB_PER_DOUBLING) for a PSNR. The latents' coder
@@ -529,9 +528,6 @@ class _LambdaControl:
     RESTART_FACTOR = 1.5  # the first probe moved lambda more than this: train again from scratch
     SIZE_SLOPE = 0.6  # -d log(size) / d log(lambda) across the hybrid ladder (bpp 0.16-0.45 for 5.7x lambda)
     SLOPE_RANGE = (0.2, 2.0)  # what a secant may measure before it is taken for noise
-    # Probes nearer in lambda give no secant: their sizes vary by about 4% at one lambda (7p),
-    # which over a 1.2x step is a slope error of +-0.2, a third of the slope itself.
-    SECANT_SPREAD = 1.5
     DB_PER_DOUBLING = 1.5  # PSNR change when lambda doubles, roughly, across the ladder
     SIZE_GOAL = 0.985  # of target_bytes: the middle of the accepted band [0.97, 1]
     PSNR_MARGIN = 0.05  # dB above target_psnr: the middle of the accepted band
@@ -562,7 +558,7 @@ class _LambdaControl:
     def _slope(self) -> float:
         """d (log size or PSNR) / d log lambda: typical, or the secant through the last two probes."""
         typical = -self.SIZE_SLOPE if self.target_bytes is not None else -self.DB_PER_DOUBLING / math.log(2)
-        if len(self.probed) < 2 or abs(self.probed[-1][0] - self.probed[-2][0]) < math.log(self.SECANT_SPREAD):
+        if len(self.probed) < 2 or self.probed[-1][0] == self.probed[-2][0]:
             return typical
         (x0, y0), (x1, y1) = self.probed[-2:]
         secant, lo, hi = (y1 - y0) / (x1 - x0), *self.SLOPE_RANGE
