@@ -121,8 +121,9 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture (decode cost)")
     p.add_argument("--iterations", "-n", type=int, default=None,
                    help="training iterations (default 2000 pure; hybrid 16000, 12000 from quality 5)")
-    p.add_argument("--seeds", type=int, default=1, help="whole encodes with this many noise seeds, side by side on the CPU threads; "
-                        "keeps the lowest RD cost (2: about 1.6x the time on 2 cores, RESULTS 7q)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="whole encodes with this many noise seeds side by side on the CPU threads, keeping "
+                        "the lowest RD cost (2: 1.24x the time on 2 cores, bench/RESULTS.md 7q)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-size", type=parse_size, default=None, metavar="SIZE",
                         help="largest stream not above SIZE (e.g. 20KB), within 3%%; overrides --quality")

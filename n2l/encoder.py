@@ -229,7 +229,7 @@ def _lr_factor(it: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
 
 
-_GLOBAL_RNG = threading.Lock()  # candidates on threads seed their initialization in turn
+_SEEDING = threading.Lock()  # candidates on threads seed their initialization in turn
 
 
 class _Trainer:
@@ -239,7 +239,7 @@ class _Trainer:
         self.seed, self.target, self.lmbda, self.tc = seed, target, lmbda, tc
         # The initialization draws from torch's seeded global generator (restored afterwards);
         # the training noise from the trainer's own generator, which continues that stream.
-        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        with _SEEDING, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             self.model = N2LModel(config, target.shape[-2], target.shape[-1]).to(target.device)
             self.generator = torch.Generator(target.device)
