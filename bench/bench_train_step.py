@@ -1,11 +1,15 @@
-"""Encoder training step time, with and without n2l.memory.retain_freed_memory, side by side.
+"""Encoder training step time of two variants side by side.
 
     python bench/bench_train_step.py                        # kodim23 crop, qualities 0 3 6
     python bench/bench_train_step.py --qualities 3 --steps 300 --rounds 3
+    python bench/bench_train_step.py --compare memory
 
-Each round times `--steps` steps of a hybrid-mode trainer outside, then inside, the context
-(after 20 warm-up steps each); rounds alternate so that drifts of a shared machine's speed
-hit both. Prints ms per step (median over rounds) and the ratio inside / outside.
+`--compare conv3x3` (default): the 3x3 convolutions in torch (the reference network) against
+the C++ core's training kernels (what the encoder uses), both with freed memory retained.
+`--compare memory`: outside against inside n2l.memory.retain_freed_memory, both on the core.
+Each round times `--steps` steps of a hybrid-mode trainer per variant (after 20 warm-up steps
+each); rounds alternate so that drifts of a shared machine's speed hit both. Prints ms per
+step (median over rounds) and the ratio of the second variant to the first.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from common import kodak_crop
 from n2l.encoder import HYBRID_CONFIGS, QUALITY_LAMBDAS, TrainingConfig, _Trainer
 from n2l.images import to_tensor
 from n2l.memory import retain_freed_memory
+from n2l.model import N2LModel
 
 
 def ms_per_step(trainer: _Trainer, steps: int) -> float:
@@ -40,22 +45,26 @@ def main() -> None:
     parser.add_argument("--qualities", type=int, nargs="+", default=[0, 3, 6])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compare", choices=["conv3x3", "memory"], default="conv3x3")
     args = parser.parse_args()
     target = to_tensor(kodak_crop(args.image, args.crop))
+    names = ("torch conv3x3", "C++ conv3x3") if args.compare == "conv3x3" else ("default malloc", "retained")
     print(f"{args.image} {args.crop}x{args.crop}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("quality | default malloc ms/step | retained ms/step | ratio")
+    print(f"quality | {names[0]} ms/step | {names[1]} ms/step | ratio")
     for q in args.qualities:
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.rounds):
-            for retained in (False, True):
+            for second in (False, True):
                 trainer = _Trainer(HYBRID_CONFIGS[q], 0, target, QUALITY_LAMBDAS[q], TrainingConfig())
-                if retained:
+                if args.compare == "conv3x3" and not second:
+                    trainer.model.__class__ = N2LModel  # the reference's torch convolutions
+                if args.compare == "conv3x3" or second:
                     with retain_freed_memory():
-                        times[True].append(ms_per_step(trainer, args.steps))
+                        times[second].append(ms_per_step(trainer, args.steps))
                 else:
-                    times[False].append(ms_per_step(trainer, args.steps))
-        off, on = statistics.median(times[False]), statistics.median(times[True])
-        print(f"{q} | {off:.2f} | {on:.2f} | {on / off:.2f}")
+                    times[second].append(ms_per_step(trainer, args.steps))
+        first, other = statistics.median(times[False]), statistics.median(times[True])
+        print(f"{q} | {first:.2f} | {other:.2f} | {other / first:.2f}")
 
 
 if __name__ == "__main__":

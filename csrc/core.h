@@ -34,6 +34,22 @@ struct Net {
   const float* y0_coded = nullptr;  // scale 0's transmitted latent [C, H, W] when it is coded
 };
 
+// The encoder's training kernels of one variant (train.cpp), each false if out of memory. A
+// 3x3 convolution with edge-replication padding on one image, x [C, H, W], w [O, C, 3, 3],
+// b [O], y [O, H, W], on rows [r0, r1).
+struct TrainKernels {
+  bool (*conv3x3_rows)(const float* x, int C, int H, int W, const float* w, const float* b, int O, float* y, int r0,
+                       int r1);
+  // gx rows [r0, r1) of the input gradient; gw [O*C*9] and gb [O] (overwritten): the weight
+  // and bias gradients of output rows [r0, r1) only, for the caller to sum over bands.
+  bool (*conv3x3_backward_rows)(const float* x, const float* gy, int C, int H, int W, const float* w, int O,
+                                float* gx, float* gw, float* gb, int r0, int r1);
+  // y [C, H, W] = bilinear upsampling of x [C, h, w] by `factor` (FORMAT.md), cropped to H x W;
+  // and the gradient gx [C, h, w] of its input from gy [C, H, W].
+  bool (*upsample)(const float* x, int C, int h, int w, int factor, int H, int W, float* y);
+  bool (*upsample_backward)(const float* gy, int C, int h, int w, int factor, int H, int W, float* gx);
+};
+
 // The entry points of one instruction-set variant.
 struct Kernels {
   const char* name;
@@ -45,11 +61,13 @@ struct Kernels {
   bool (*coarse_band)(const Net& net, int s, int r0, int r1);
   // Pixels of rows [r0, r1) into out ([H, W, Cout] uint8). Needs all net.ys[s >= 1].
   bool (*fine_band)(const Net& net, int r0, int r1, uint8_t* out);
+  const TrainKernels* train;  // the encoder's kernels, same variant
 };
 
 #define N2L_DECLARE_VARIANT(ns) \
   namespace ns {                \
   extern const Kernels kernels; \
+  extern const TrainKernels train_kernels; \
   void noise_row(uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, int, float*); \
   void quantize_row(const float*, int, int, uint8_t*); \
   }

@@ -25,33 +25,7 @@ namespace n2l {
 namespace N2L_ARCH {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VL = 16;  // floats per vector
-constexpr int OB = 4;   // output channels per register block
-#elif defined(__AVX__)
-constexpr int VL = 8;
-constexpr int OB = 3;
-#else
-constexpr int VL = 4;
-constexpr int OB = 2;
-#endif
-constexpr int P = 32;  // pixels per chunk
-constexpr int NV = P / VL;
-
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef int32_t vi __attribute__((vector_size(VL * 4)));
-
-inline vf bcast(float x) { return vf{} + x; }
-inline vf loadu(const float* p) {
-  vf v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storeu(float* p, vf v) { memcpy(p, &v, sizeof v); }
-inline vf vmax0(vf x) { return x > 0.0f ? x : vf{}; }
-inline int imin(int a, int b) { return a < b ? a : b; }
-inline int imax(int a, int b) { return a > b ? a : b; }
-inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+#include "simd.h"
 
 // exp(x) for x <= 0 (clamped at -87 so 2^n stays normal); relative error ~2e-7.
 inline vf vexp_neg(vf x) {
@@ -493,7 +467,7 @@ bool fine_band(const Net& n, int r0, int r1, uint8_t* pixels) {
 
 #define N2L_STR2(x) #x
 #define N2L_STR(x) N2L_STR2(x)
-extern const Kernels kernels = {N2L_STR(N2L_ARCH), &noise_row, &coarse_band, &fine_band};
+extern const Kernels kernels = {N2L_STR(N2L_ARCH), &noise_row, &coarse_band, &fine_band, &train_kernels};
 
 }  // namespace N2L_ARCH
 }  // namespace n2l

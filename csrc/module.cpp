@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -185,6 +186,108 @@ void noise_into(uint32_t seed, uint32_t scale, uint32_t y0, uint32_t x0,
                   d + (c * h + y) * w);
 }
 
+using OutArray = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+
+// Rows per band of the training kernels: fixed, so results never depend on the thread count.
+constexpr int kTrainBand = 16;
+
+void check_conv3x3(const FloatArray& x, const FloatArray& w, int& C, int& H, int& W, int& O) {
+  if (x.ndim() != 3 || w.ndim() != 4 || w.shape(1) != x.shape(0) || w.shape(2) != 3 || w.shape(3) != 3)
+    throw std::invalid_argument("conv3x3: x must be [C, H, W] and w [O, C, 3, 3]");
+  C = static_cast<int>(x.shape(0));
+  H = static_cast<int>(x.shape(1));
+  W = static_cast<int>(x.shape(2));
+  O = static_cast<int>(w.shape(0));
+  if (C < 1 || H < 1 || W < 1 || O < 1) throw std::invalid_argument("conv3x3: empty tensor");
+}
+
+void check_shape(const OutArray& a, std::initializer_list<int> shape, const char* what) {
+  bool ok = a.ndim() == shape.size();
+  size_t i = 0;
+  for (int n : shape) ok = ok && i < a.ndim() && a.shape(i++) == static_cast<size_t>(n);
+  if (!ok) throw std::invalid_argument(std::string("conv3x3: wrong shape of ") + what);
+}
+
+void conv3x3_forward(const FloatArray& x, const FloatArray& w, const FloatArray& b, OutArray y, int threads) {
+  int C, H, W, O;
+  check_conv3x3(x, w, C, H, W, O);
+  if (b.ndim() != 1 || b.shape(0) != static_cast<size_t>(O)) throw std::invalid_argument("conv3x3: b must be [O]");
+  check_shape(y, {O, H, W}, "y");
+  const n2l::TrainKernels& k = *active().train;
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = parallel_for((H + kTrainBand - 1) / kTrainBand, threads, [&](int band) {
+      return k.conv3x3_rows(x.data(), C, H, W, w.data(), b.data(), O, y.data(), band * kTrainBand,
+                            std::min(H, (band + 1) * kTrainBand));
+    });
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+void conv3x3_backward(const FloatArray& x, const FloatArray& w, const FloatArray& gy, OutArray gx, OutArray gw,
+                      OutArray gb, int threads) {
+  int C, H, W, O;
+  check_conv3x3(x, w, C, H, W, O);
+  if (gy.ndim() != 3 || gy.shape(0) != static_cast<size_t>(O) || gy.shape(1) != static_cast<size_t>(H) ||
+      gy.shape(2) != static_cast<size_t>(W))
+    throw std::invalid_argument("conv3x3: gy must be [O, H, W]");
+  check_shape(gx, {C, H, W}, "gx");
+  check_shape(gw, {O, C, 3, 3}, "gw");
+  check_shape(gb, {O}, "gb");
+  const n2l::TrainKernels& k = *active().train;
+  const int n_bands = (H + kTrainBand - 1) / kTrainBand, n_w = O * C * 9;
+  std::vector<float> partial(static_cast<size_t>(n_bands) * (n_w + O));
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = parallel_for(n_bands, threads, [&](int band) {
+      float* p = partial.data() + static_cast<size_t>(band) * (n_w + O);
+      return k.conv3x3_backward_rows(x.data(), gy.data(), C, H, W, w.data(), O, gx.data(), p, p + n_w,
+                                     band * kTrainBand, std::min(H, (band + 1) * kTrainBand));
+    });
+    for (int i = 0; i < n_w + O; ++i) {  // bands summed in order: deterministic
+      double s = 0;
+      for (int band = 0; band < n_bands; ++band) s += partial[static_cast<size_t>(band) * (n_w + O) + i];
+      (i < n_w ? gw.data()[i] : gb.data()[i - n_w]) = static_cast<float>(s);
+    }
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+void check_upsample(size_t C, int h, int w, int factor, int H, int W) {
+  if (C < 1 || h < 1 || w < 1 || factor < 1 || H < 1 || W < 1 || static_cast<int64_t>(h) * factor < H ||
+      static_cast<int64_t>(w) * factor < W)
+    throw std::invalid_argument("upsample: need [C, h, w] -> [C, H, W] with H <= h * factor, W <= w * factor");
+}
+
+void upsample_forward(const FloatArray& x, int factor, OutArray y) {
+  if (x.ndim() != 3 || y.ndim() != 3 || y.shape(0) != x.shape(0)) throw std::invalid_argument("upsample: x, y [C, ., .]");
+  const int h = static_cast<int>(x.shape(1)), w = static_cast<int>(x.shape(2));
+  const int H = static_cast<int>(y.shape(1)), W = static_cast<int>(y.shape(2)), C = static_cast<int>(x.shape(0));
+  check_upsample(x.shape(0), h, w, factor, H, W);
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = active().train->upsample(x.data(), C, h, w, factor, H, W, y.data());
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+void upsample_backward(const FloatArray& gy, int factor, OutArray gx) {
+  if (gy.ndim() != 3 || gx.ndim() != 3 || gy.shape(0) != gx.shape(0))
+    throw std::invalid_argument("upsample: gy, gx [C, ., .]");
+  const int h = static_cast<int>(gx.shape(1)), w = static_cast<int>(gx.shape(2));
+  const int H = static_cast<int>(gy.shape(1)), W = static_cast<int>(gy.shape(2)), C = static_cast<int>(gy.shape(0));
+  check_upsample(gy.shape(0), h, w, factor, H, W);
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = active().train->upsample_backward(gy.data(), C, h, w, factor, H, W, gx.data());
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -197,6 +300,15 @@ NB_MODULE(_core, m) {
         "latents ([C, h_s, w_s] float32) of the transmitted scales, coarsest first.");
   m.def("noise_into", &noise_into, nb::arg("seed"), nb::arg("scale"), nb::arg("y0"), nb::arg("x0"), nb::arg("out"),
         "Fill out ([channels, h, w] float32) with the noise of one scale at window origin (y0, x0).");
+  m.def("conv3x3_forward", &conv3x3_forward, nb::arg("x"), nb::arg("w"), nb::arg("b"), nb::arg("y"),
+        nb::arg("threads"), "3x3 convolution with edge replication: y [O, H, W] from x [C, H, W] (training).");
+  m.def("conv3x3_backward", &conv3x3_backward, nb::arg("x"), nb::arg("w"), nb::arg("gy"), nb::arg("gx"),
+        nb::arg("gw"), nb::arg("gb"), nb::arg("threads"),
+        "Gradients of conv3x3_forward with respect to x, w and b, from that of y.");
+  m.def("upsample_forward", &upsample_forward, nb::arg("x"), nb::arg("factor"), nb::arg("y"),
+        "Bilinear upsampling of x [C, h, w] by factor into y [C, H, W] (cropped; training).");
+  m.def("upsample_backward", &upsample_backward, nb::arg("gy"), nb::arg("factor"), nb::arg("gx"),
+        "Gradient gx [C, h, w] of upsample_forward's input from that of its output, gy [C, H, W].");
   m.def(
       "isa", [] { return std::string(active().name); }, "The instruction-set variant in use.");
   m.def(

@@ -15,6 +15,7 @@ import os
 import warnings
 
 import numpy as np
+import torch
 
 from .model import N2LModel, Weights
 
@@ -111,3 +112,55 @@ def decode_cpu(
         default_threads() if threads is None else max(1, int(threads)),
     )
     return out
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = (t.detach().contiguous() for t in (x, weight, bias))
+        threads = torch.get_num_threads()
+        y = x.new_empty(1, weight.shape[0], *x.shape[-2:])
+        _core.conv3x3_forward(x[0].numpy(), weight.numpy(), bias.numpy(), y[0].numpy(), threads)
+        ctx.save_for_backward(x, weight)
+        ctx.threads = threads
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+        _core.conv3x3_backward(x[0].numpy(), weight.numpy(), gy.detach().contiguous()[0].numpy(), gx[0].numpy(),
+                               gw.numpy(), gb.numpy(), ctx.threads)
+        return gx, gw, gb
+
+
+class _Upsample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+        x = x.detach().contiguous()
+        y = x.new_empty(1, x.shape[1], height, width)
+        _core.upsample_forward(x[0].numpy(), factor, y[0].numpy())
+        ctx.factor, ctx.shape = factor, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gx = gy.new_empty(ctx.shape)
+        _core.upsample_backward(gy.detach().contiguous()[0].numpy(), ctx.factor, gx[0].numpy())
+        return gx, None, None, None
+
+
+# The encoder's training kernels on the C++ core, for one float32 CPU image [1, C, H, W]: the
+# same functions as the reference's (n2l.model) up to float rounding, forward and backward,
+# several times faster than torch's for these few channels, deterministic for any thread count.
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """3x3 convolution with edge replication (the reference's `F.conv2d(F.pad(x, replicate))`)."""
+    _require_core()
+    return _Conv3x3.apply(x, weight, bias)
+
+
+def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+    """Bilinear upsampling by `factor`, cropped to height x width (n2l.model.upsample)."""
+    _require_core()
+    return _Upsample.apply(x, factor, height, width)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from . import bitstream
+from . import bitstream, cpu
 from .images import ImageLike, load_image, to_tensor
 from .memory import retain_freed_memory
 from .model import PRESETS, ModelConfig, N2LModel, preset
@@ -229,6 +229,27 @@ def _lr_factor(it: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
 
 
+def _on_core(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1
+
+
+class _TrainingModel(N2LModel):
+    """The reference network, its 3x3 convolutions and upsampling on the C++ core's training
+    kernels for one float32 image on the CPU: torch's are several times slower for so few
+    channels (bench/RESULTS.md 7r). Same function up to float rounding (tests/test_cpu_core.py)."""
+
+    def conv(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        layer = self.layer(name)
+        if layer.kernel_size[0] == 3 and _on_core(x):
+            return cpu.conv3x3(x, layer.weight, layer.bias)
+        return super().conv(x, name)
+
+    def upsample(self, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+        if factor > 1 and _on_core(x):
+            return cpu.upsample(x, factor, height, width)
+        return super().upsample(x, factor, height, width)
+
+
 _SEEDING = threading.Lock()  # candidates on threads seed their initialization in turn
 
 
@@ -241,7 +262,8 @@ class _Trainer:
         # the training noise from the trainer's own generator, which continues that stream.
         with _SEEDING, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            self.model = N2LModel(config, target.shape[-2], target.shape[-1]).to(target.device)
+            network = _TrainingModel if cpu.unavailable_reason() is None else N2LModel
+            self.model = network(config, target.shape[-2], target.shape[-1]).to(target.device)
             self.generator = torch.Generator(target.device)
             if target.device.type == "cpu":
                 self.generator.set_state(torch.get_rng_state())

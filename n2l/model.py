@@ -243,6 +243,14 @@ class N2LModel(nn.Module):
     def layer(self, name: str) -> nn.Conv2d:
         return self.convs[name.replace(".", "_")]
 
+    def conv(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Convolution `name` (edge-replication padding) applied to x."""
+        return _conv(x, self.layer(name))
+
+    def upsample(self, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+        """See `upsample`."""
+        return upsample(x, factor, height, width)
+
     def named_layers(self) -> list[tuple[str, nn.Conv2d]]:
         """Convolutions in bitstream order (see ModelConfig.layer_shapes)."""
         return [(name, self.layer(name)) for name, *_ in self.config.layer_shapes()]
@@ -270,24 +278,24 @@ class N2LModel(nn.Module):
             if s == cfg.n_scales - 1:
                 u, x = 0.0, z
             else:
-                u = upsample(ys[s + 1], 2, z.shape[-2], z.shape[-1])
+                u = self.upsample(ys[s + 1], 2, z.shape[-2], z.shape[-1])
                 x = torch.cat([z, u], dim=1)
-            h = torch.relu(_conv(x, self.layer(f"gpp.{s}.0")))
-            p = _conv(h, self.layer(f"gpp.{s}.1"))
+            h = torch.relu(self.conv(x, f"gpp.{s}.0"))
+            p = self.conv(h, f"gpp.{s}.1")
             mu, sigma = u + p[:, :c], F.softplus(p[:, c:])
             ys[s] = mu + sigma * z
         return ys
 
     def synthesis(self, ys: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
         """Latents -> image [B, out_channels, H, W] (not clamped)."""
-        x = torch.cat([upsample(y, 1 << s, height, width) for s, y in enumerate(ys)], dim=1)
+        x = torch.cat([self.upsample(y, 1 << s, height, width) for s, y in enumerate(ys)], dim=1)
         n_synth = len(self.config.synth_hidden) + 1
         for i in range(n_synth):
-            x = _conv(x, self.layer(f"synth.{i}"))
+            x = self.conv(x, f"synth.{i}")
             if i < n_synth - 1:
                 x = torch.relu(x)
         for r in range(self.config.synth_residual):
-            x = x + _conv(x, self.layer(f"synth_res.{r}"))
+            x = x + self.conv(x, f"synth_res.{r}")
         return x
 
     def forward(self, noise: list[torch.Tensor | None]) -> torch.Tensor:

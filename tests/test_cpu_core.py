@@ -204,3 +204,75 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+# The encoder's training kernels (n2l.cpu.conv3x3, n2l.cpu.upsample) against the reference ops.
+
+def _value_and_grads(f, inputs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    out = f(*inputs)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return [out.detach(), *torch.autograd.grad(out, inputs, gy)]
+
+
+def _assert_rel_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert (g - w).abs().max() <= 1e-5 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("c_in, c_out, height, width", [(3, 3, 64, 64), (8, 12, 33, 17), (3, 3, 1, 1),
+                                                       (2, 5, 1, 7), (4, 3, 9, 1), (1, 1, 2, 40)])
+def test_training_conv3x3_matches_torch(c_in, c_out, height, width, each_isa) -> None:
+    gen = torch.Generator().manual_seed(c_in * 100 + height)
+    inputs = [torch.randn(shape, generator=gen).requires_grad_()
+              for shape in ((1, c_in, height, width), (c_out, c_in, 3, 3), (c_out,))]
+
+    def reference_conv(x, w, b):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1,) * 4, mode="replicate"), w, b)
+
+    want = _value_and_grads(reference_conv, inputs, 1)
+    for _ in each_isa():
+        _assert_rel_close(_value_and_grads(cpu.conv3x3, inputs, 1), want)
+
+
+@pytest.mark.parametrize("channels, h, w, factor, height, width", [(1, 128, 128, 2, 256, 256), (3, 4, 5, 8, 29, 40),
+                                                                 (1, 1, 1, 64, 64, 64), (2, 3, 7, 2, 5, 13)])
+def test_training_upsample_matches_torch(channels, h, w, factor, height, width, each_isa) -> None:
+    from n2l.model import upsample
+
+    x = torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(h)).requires_grad_()
+    want = _value_and_grads(lambda t: upsample(t, factor, height, width), [x], 2)
+    for _ in each_isa():
+        _assert_rel_close(_value_and_grads(lambda t: cpu.upsample(t, factor, height, width), [x], 2), want)
+
+
+def test_training_kernels_do_not_depend_on_the_thread_count() -> None:
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(shape, generator=gen).requires_grad_() for shape in ((1, 3, 70, 50), (3, 3, 3, 3), (3,))]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(_value_and_grads(cpu.conv3x3, inputs, 3))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(gpp_kernel_min_scale=0, synth_residual=2),
+                                 ModelConfig(latent_channels=1, coded_scales=5, gpp_hidden=4, n_scales=6)])
+def test_training_network_matches_the_reference(cfg: ModelConfig) -> None:
+    from n2l.encoder import _TrainingModel
+
+    reference_net = random_model(cfg, seed=4, height=37, width=45)
+    training_net = _TrainingModel(cfg, 37, 45)
+    training_net.load_state_dict(reference_net.state_dict())
+    noise = reference_net.noise(8, 37, 45)
+    results = []
+    for net in (reference_net, training_net):
+        out = net(noise)
+        loss = (out - 0.5).square().mean()
+        results.append([out.detach(), *torch.autograd.grad(loss, list(net.parameters()))])
+    _assert_rel_close(results[1], results[0])
