@@ -4,9 +4,10 @@
     python bench/bench_train_step.py --qualities 3 --steps 300 --rounds 3
     python bench/bench_train_step.py --compare memory
 
-`--compare conv3x3` (default): the 3x3 convolutions in torch (the reference network) against
-the C++ core's training kernels (what the encoder uses), both with freed memory retained.
-`--compare memory`: outside against inside n2l.memory.retain_freed_memory, both on the core.
+`--compare kernels` (default): the reference network, all in torch on torch's threads, against
+the encoder's: its 3x3 convolutions, upsampling and 1x1 stacks on the C++ core's training
+kernels with those threads, torch on one; both with freed memory retained.
+`--compare memory`: outside against inside n2l.memory.retain_freed_memory, both as the encoder.
 Each round times `--steps` steps of a hybrid-mode trainer per variant (after 20 warm-up steps
 each); rounds alternate so that drifts of a shared machine's speed hit both. Prints ms per
 step (median over rounds) and the ratio of the second variant to the first.
@@ -45,24 +46,28 @@ def main() -> None:
     parser.add_argument("--qualities", type=int, nargs="+", default=[0, 3, 6])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--compare", choices=["conv3x3", "memory"], default="conv3x3")
+    parser.add_argument("--compare", choices=["kernels", "memory"], default="kernels")
     args = parser.parse_args()
     target = to_tensor(kodak_crop(args.image, args.crop))
-    names = ("torch conv3x3", "C++ conv3x3") if args.compare == "conv3x3" else ("default malloc", "retained")
-    print(f"{args.image} {args.crop}x{args.crop}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    names = ("torch", "C++ kernels") if args.compare == "kernels" else ("default malloc", "retained")
+    print(f"{args.image} {args.crop}x{args.crop}, torch {torch.__version__}, {threads} threads")
     print(f"quality | {names[0]} ms/step | {names[1]} ms/step | ratio")
     for q in args.qualities:
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.rounds):
             for second in (False, True):
-                trainer = _Trainer(HYBRID_CONFIGS[q], 0, target, QUALITY_LAMBDAS[q], TrainingConfig())
-                if args.compare == "conv3x3" and not second:
-                    trainer.model.__class__ = N2LModel  # the reference's torch convolutions
-                if args.compare == "conv3x3" or second:
+                reference = args.compare == "kernels" and not second
+                torch.set_num_threads(threads if reference else 1)
+                trainer = _Trainer(HYBRID_CONFIGS[q], 0, target, QUALITY_LAMBDAS[q], TrainingConfig(), threads)
+                if reference:
+                    trainer.model.__class__ = N2LModel  # the reference's torch layers
+                if args.compare == "kernels" or second:
                     with retain_freed_memory():
                         times[second].append(ms_per_step(trainer, args.steps))
                 else:
                     times[second].append(ms_per_step(trainer, args.steps))
+        torch.set_num_threads(threads)
         first, other = statistics.median(times[False]), statistics.median(times[True])
         print(f"{q} | {first:.2f} | {other:.2f} | {other / first:.2f}")
 

@@ -13,6 +13,7 @@ namespace n2l {
 constexpr int kMaxScales = 12;
 constexpr int kMaxSynth = 9;     // up to 8 hidden 1x1 layers + the output layer
 constexpr int kMaxResidual = 8;
+constexpr int kMaxWidth = 64;  // widest layer of the training kernels' fused 1x1 stacks
 
 struct Layer {
   const float* w = nullptr;  // [cout, cin, k, k]
@@ -48,6 +49,12 @@ struct TrainKernels {
   // and the gradient gx [C, h, w] of its input from gy [C, H, W].
   bool (*upsample)(const float* x, int C, int h, int w, int factor, int H, int W, float* y);
   bool (*upsample_backward)(const float* gy, int C, int h, int w, int factor, int H, int W, float* gx);
+  // 1x1 layers (k = 1, widths <= kMaxWidth) with ReLU between them, y [cout, N] from x [cin, N],
+  // on pixels [p0, p1); and their backward: gx of those pixels, and into grads (overwritten)
+  // the parameter gradients of those pixels only, per layer its weight then its bias.
+  bool (*pointwise)(const float* x, int N, const Layer* layers, int n_layers, float* y, int p0, int p1);
+  bool (*pointwise_backward)(const float* x, const float* gy, int N, const Layer* layers, int n_layers, float* gx,
+                             float* grads, int p0, int p1);
 };
 
 // The entry points of one instruction-set variant.

@@ -288,6 +288,85 @@ void upsample_backward(const FloatArray& gy, int factor, OutArray gx) {
   if (!ok) throw std::bad_alloc();
 }
 
+// Pixels per band of the fused 1x1 stacks (a multiple of every variant's vector length).
+constexpr int kPointwiseBand = 4096;
+
+std::vector<Layer> pointwise_layers(const std::vector<FloatArray>& weights, const std::vector<FloatArray>& biases) {
+  if (weights.empty() || weights.size() != biases.size() || weights.size() > n2l::kMaxSynth + 1)
+    throw std::invalid_argument("pointwise: 1 to 10 layers, one bias per weight");
+  std::vector<Layer> layers;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const FloatArray &w = weights[l], &b = biases[l];
+    if (w.ndim() != 2 || b.ndim() != 1 || b.shape(0) != w.shape(0) || w.shape(0) < 1 || w.shape(1) < 1 ||
+        w.shape(0) > static_cast<size_t>(n2l::kMaxWidth) || w.shape(1) > static_cast<size_t>(n2l::kMaxWidth) ||
+        (l > 0 && w.shape(1) != weights[l - 1].shape(0)))
+      throw std::invalid_argument("pointwise: weights [out, in] chained, widths <= kMaxWidth, biases [out]");
+    Layer L;
+    L.w = w.data();
+    L.b = b.data();
+    L.cout = static_cast<int>(w.shape(0));
+    L.cin = static_cast<int>(w.shape(1));
+    layers.push_back(L);
+  }
+  return layers;
+}
+
+void check_planes(size_t ndim, size_t rows, size_t cols, int channels, int N, const char* what) {
+  if (ndim != 2 || rows != static_cast<size_t>(channels) || cols != static_cast<size_t>(N))
+    throw std::invalid_argument(std::string("pointwise: wrong shape of ") + what);
+}
+
+void pointwise_forward(const FloatArray& x, const std::vector<FloatArray>& weights,
+                       const std::vector<FloatArray>& biases, OutArray y, int threads) {
+  const std::vector<Layer> layers = pointwise_layers(weights, biases);
+  if (x.ndim() != 2) throw std::invalid_argument("pointwise: x must be [in, N]");
+  const int N = static_cast<int>(x.shape(1)), n = static_cast<int>(layers.size());
+  check_planes(x.ndim(), x.shape(0), x.shape(1), layers[0].cin, N, "x");
+  check_planes(y.ndim(), y.shape(0), y.shape(1), layers[n - 1].cout, N, "y");
+  const n2l::TrainKernels& k = *active().train;
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = parallel_for((N + kPointwiseBand - 1) / kPointwiseBand, threads, [&](int band) {
+      return k.pointwise(x.data(), N, layers.data(), n, y.data(), band * kPointwiseBand,
+                         std::min(N, (band + 1) * kPointwiseBand));
+    });
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+void pointwise_backward(const FloatArray& x, const std::vector<FloatArray>& weights,
+                        const std::vector<FloatArray>& biases, const FloatArray& gy, OutArray gx, OutArray grads,
+                        int threads) {
+  const std::vector<Layer> layers = pointwise_layers(weights, biases);
+  if (x.ndim() != 2) throw std::invalid_argument("pointwise: x must be [in, N]");
+  const int N = static_cast<int>(x.shape(1)), n = static_cast<int>(layers.size());
+  check_planes(x.ndim(), x.shape(0), x.shape(1), layers[0].cin, N, "x");
+  check_planes(gy.ndim(), gy.shape(0), gy.shape(1), layers[n - 1].cout, N, "gy");
+  check_planes(gx.ndim(), gx.shape(0), gx.shape(1), layers[0].cin, N, "gx");
+  size_t n_grads = 0;
+  for (const Layer& L : layers) n_grads += static_cast<size_t>(L.cout) * (L.cin + 1);
+  if (grads.ndim() != 1 || grads.shape(0) != n_grads) throw std::invalid_argument("pointwise: wrong size of grads");
+  const n2l::TrainKernels& k = *active().train;
+  const int n_bands = (N + kPointwiseBand - 1) / kPointwiseBand;
+  std::vector<float> partial(static_cast<size_t>(n_bands) * n_grads);
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = parallel_for(n_bands, threads, [&](int band) {
+      return k.pointwise_backward(x.data(), gy.data(), N, layers.data(), n, gx.data(),
+                                  partial.data() + static_cast<size_t>(band) * n_grads, band * kPointwiseBand,
+                                  std::min(N, (band + 1) * kPointwiseBand));
+    });
+    for (size_t i = 0; i < n_grads; ++i) {  // bands summed in order: deterministic
+      double s = 0;
+      for (int band = 0; band < n_bands; ++band) s += partial[static_cast<size_t>(band) * n_grads + i];
+      grads.data()[i] = static_cast<float>(s);
+    }
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -309,6 +388,11 @@ NB_MODULE(_core, m) {
         "Bilinear upsampling of x [C, h, w] by factor into y [C, H, W] (cropped; training).");
   m.def("upsample_backward", &upsample_backward, nb::arg("gy"), nb::arg("factor"), nb::arg("gx"),
         "Gradient gx [C, h, w] of upsample_forward's input from that of its output, gy [C, H, W].");
+  m.def("pointwise_forward", &pointwise_forward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"), nb::arg("y"),
+        nb::arg("threads"), "1x1 layers ([out, in] weights) with ReLU between: y [out, N] from x [in, N].");
+  m.def("pointwise_backward", &pointwise_backward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"),
+        nb::arg("gy"), nb::arg("gx"), nb::arg("grads"), nb::arg("threads"),
+        "Gradients of pointwise_forward: gx [in, N], and grads (every weight then bias, flat).");
   m.def(
       "isa", [] { return std::string(active().name); }, "The instruction-set variant in use.");
   m.def(

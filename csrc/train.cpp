@@ -1,6 +1,7 @@
 // Training kernels of the encoder, forward and backward, on one image [C, H, W]: the 3x3
 // convolution with edge-replication padding (the synthesis residual layers, and pure mode's
-// 3x3 GPP layers) and the bilinear upsampling of the latents. torch runs these tiny-channel convolutions through oneDNN at a fraction
+// 3x3 GPP layers), the bilinear upsampling of the latents, and stacks of 1x1 layers with ReLU
+// between them (the synthesis and the GPPs), fused per pixel. torch runs these tiny-channel convolutions through oneDNN at a fraction
 // of the machine's speed; here each row is a few vector loops. Compiled per instruction-set
 // variant like kernels.cpp. Work is split into bands of output rows; a band's result never
 // depends on which thread computes it, so training is deterministic for any thread count.
@@ -232,9 +233,118 @@ bool upsample_backward(const float* gy, int C, int h, int w, int factor, int H, 
   return true;
 }
 
+// A stack of 1x1 layers with ReLU between them, on VL pixels at a time: act[0] = the input,
+// act[l + 1] = layer l's output (after its ReLU, except the last's). act holds kMaxWidth
+// vectors per layer boundary.
+void pointwise_chunk(const Layer* layers, int n_layers, vf* act) {
+  for (int l = 0; l < n_layers; ++l) {
+    const Layer& L = layers[l];
+    const vf* in = act + l * kMaxWidth;
+    vf* out = act + (l + 1) * kMaxWidth;
+    for (int o = 0; o < L.cout; ++o) {
+      const float* w = L.w + o * L.cin;
+      vf a = bcast(L.b[o]);
+      for (int i = 0; i < L.cin; ++i) a += bcast(w[i]) * in[i];
+      out[o] = l + 1 < n_layers ? vmax0(a) : a;
+    }
+  }
+}
+
+// Loads VL pixels [p, p + VL) of the N-pixel planes x[c] (zeros past N).
+void load_chunk(const float* x, int channels, int N, int p, vf* out) {
+  for (int c = 0; c < channels; ++c) {
+    const float* src = x + static_cast<size_t>(c) * N + p;
+    if (p + VL <= N) {
+      out[c] = loadu(src);
+    } else {
+      float t[VL] = {};
+      memcpy(t, src, sizeof(float) * (N - p));
+      out[c] = loadu(t);
+    }
+  }
+}
+
+void store_chunk(const vf* v, int channels, int N, int p, float* y) {
+  for (int c = 0; c < channels; ++c) {
+    float* dst = y + static_cast<size_t>(c) * N + p;
+    if (p + VL <= N) {
+      storeu(dst, v[c]);
+    } else {
+      float t[VL];
+      storeu(t, v[c]);
+      memcpy(dst, t, sizeof(float) * (N - p));
+    }
+  }
+}
+
+vf* alloc_vectors(size_t n) {
+  return static_cast<vf*>(aligned_alloc(sizeof(vf), sizeof(vf) * (n == 0 ? 1 : n)));
+}
+
+// Pixels [p0, p1) of y [cout, N] = the layers applied to x [cin, N].
+bool pointwise(const float* x, int N, const Layer* layers, int n_layers, float* y, int p0, int p1) {
+  vf* act = alloc_vectors(static_cast<size_t>(n_layers + 1) * kMaxWidth);
+  if (act == nullptr) return false;
+  for (int p = p0; p < p1; p += VL) {
+    load_chunk(x, layers[0].cin, N, p, act);
+    pointwise_chunk(layers, n_layers, act);
+    store_chunk(act + n_layers * kMaxWidth, layers[n_layers - 1].cout, N, p, y);
+  }
+  free(act);
+  return true;
+}
+
+// Backward of `pointwise` on pixels [p0, p1) (a multiple of VL apart, except at N): gx of
+// those pixels, and the parameter gradients of those pixels into grads (overwritten), per
+// layer its weight [cout, cin] then its bias [cout]. The forward is recomputed per chunk.
+bool pointwise_backward(const float* x, const float* gy, int N, const Layer* layers, int n_layers, float* gx,
+                        float* grads, int p0, int p1) {
+  size_t n_grads = 0;
+  for (int l = 0; l < n_layers; ++l) n_grads += static_cast<size_t>(layers[l].cout) * (layers[l].cin + 1);
+  vf* act = alloc_vectors(static_cast<size_t>(n_layers + 1) * kMaxWidth + 2 * kMaxWidth + n_grads);
+  if (act == nullptr) return false;
+  vf* g = act + (n_layers + 1) * kMaxWidth;  // gradient at the current layer boundary
+  vf* gin = g + kMaxWidth;
+  vf* acc = gin + kMaxWidth;
+  for (size_t i = 0; i < n_grads; ++i) acc[i] = vf{};
+  for (int p = p0; p < p1; p += VL) {
+    load_chunk(x, layers[0].cin, N, p, act);
+    pointwise_chunk(layers, n_layers, act);
+    load_chunk(gy, layers[n_layers - 1].cout, N, p, g);  // zeros past N: no contribution
+    size_t off = n_grads;
+    for (int l = n_layers - 1; l >= 0; --l) {
+      const Layer& L = layers[l];
+      const vf* in = act + l * kMaxWidth;
+      off -= static_cast<size_t>(L.cout) * (L.cin + 1);
+      vf* aw = acc + off;
+      vf* ab = aw + L.cout * L.cin;
+      for (int i = 0; i < L.cin; ++i) gin[i] = vf{};
+      for (int o = 0; o < L.cout; ++o) {
+        const vf go = g[o];
+        ab[o] += go;
+        const float* w = L.w + o * L.cin;
+        for (int i = 0; i < L.cin; ++i) {
+          aw[o * L.cin + i] += go * in[i];
+          gin[i] += bcast(w[i]) * go;
+        }
+      }
+      for (int i = 0; i < L.cin; ++i) g[i] = l > 0 ? (in[i] > 0.0f ? gin[i] : vf{}) : gin[i];  // ReLU's mask
+    }
+    store_chunk(g, layers[0].cin, N, p, gx);
+  }
+  for (size_t i = 0; i < n_grads; ++i) {
+    double s = 0;
+    for (int l = 0; l < VL; ++l) s += acc[i][l];
+    grads[i] = static_cast<float>(s);
+  }
+  free(act);
+  return true;
+}
+
 }  // namespace
 
-extern const TrainKernels train_kernels = {&conv3x3_rows, &conv3x3_backward_rows, &upsample, &upsample_backward};
+extern const TrainKernels train_kernels = {&conv3x3_rows, &conv3x3_backward_rows, &upsample, &upsample_backward,
+                                           &pointwise,    &pointwise_backward};
 
 }  // namespace N2L_ARCH
 }  // namespace n2l

@@ -116,9 +116,8 @@ def decode_cpu(
 
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, threads: int) -> torch.Tensor:
         x, weight, bias = (t.detach().contiguous() for t in (x, weight, bias))
-        threads = torch.get_num_threads()
         y = x.new_empty(1, weight.shape[0], *x.shape[-2:])
         _core.conv3x3_forward(x[0].numpy(), weight.numpy(), bias.numpy(), y[0].numpy(), threads)
         ctx.save_for_backward(x, weight)
@@ -131,7 +130,7 @@ class _Conv3x3(torch.autograd.Function):
         gx, gw, gb = torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
         _core.conv3x3_backward(x[0].numpy(), weight.numpy(), gy.detach().contiguous()[0].numpy(), gx[0].numpy(),
                                gw.numpy(), gb.numpy(), ctx.threads)
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
 class _Upsample(torch.autograd.Function):
@@ -150,17 +149,58 @@ class _Upsample(torch.autograd.Function):
         return gx, None, None, None
 
 
+class _Pointwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, threads: int, *params: torch.Tensor) -> torch.Tensor:
+        x = x.detach().contiguous()
+        n = len(params) // 2
+        weights = [w.detach().reshape(w.shape[0], -1).contiguous() for w in params[:n]]
+        biases = [b.detach().contiguous() for b in params[n:]]
+        y = x.new_empty(1, weights[-1].shape[0], *x.shape[-2:])
+        _core.pointwise_forward(x.view(x.shape[1], -1).numpy(), [w.numpy() for w in weights],
+                                [b.numpy() for b in biases], y.view(y.shape[1], -1).numpy(), threads)
+        ctx.save_for_backward(x, *weights, *biases)
+        ctx.threads, ctx.shapes = threads, [p.shape for p in params]
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, *params = ctx.saved_tensors
+        n = len(params) // 2
+        gx = torch.empty_like(x)
+        sizes = [w.numel() + b.numel() for w, b in zip(params[:n], params[n:])]
+        grads = x.new_empty(sum(sizes))
+        _core.pointwise_backward(x.view(x.shape[1], -1).numpy(), [w.numpy() for w in params[:n]],
+                                 [b.numpy() for b in params[n:]], gy.detach().contiguous().view(gy.shape[1], -1).numpy(),
+                                 gx.view(x.shape[1], -1).numpy(), grads.numpy(), ctx.threads)
+        per_layer = [g.split([w.numel(), b.numel()]) for g, w, b in zip(grads.split(sizes), params[:n], params[n:])]
+        gw = [g.view(shape) for (g, _), shape in zip(per_layer, ctx.shapes[:n])]
+        return gx, None, *gw, *(gb for _, gb in per_layer)
+
+
 # The encoder's training kernels on the C++ core, for one float32 CPU image [1, C, H, W]: the
 # same functions as the reference's (n2l.model) up to float rounding, forward and backward,
-# several times faster than torch's for these few channels, deterministic for any thread count.
+# several times faster than torch's for these few channels. Their results do not depend on
+# `threads` (work is split into fixed bands, summed in order).
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, threads: int = 1) -> torch.Tensor:
     """3x3 convolution with edge replication (the reference's `F.conv2d(F.pad(x, replicate))`)."""
     _require_core()
-    return _Conv3x3.apply(x, weight, bias)
+    return _Conv3x3.apply(x, weight, bias, threads)
 
 
 def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
     """Bilinear upsampling by `factor`, cropped to height x width (n2l.model.upsample)."""
     _require_core()
     return _Upsample.apply(x, factor, height, width)
+
+
+POINTWISE_MAX_WIDTH = 64  # kMaxWidth in csrc/core.h
+POINTWISE_MAX_LAYERS = 10
+
+
+def pointwise(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 1) -> torch.Tensor:
+    """1x1 layers (weight [out, in, 1, 1], bias [out]) with ReLU between them, fused per pixel
+    (N2LModel.pointwise); at most POINTWISE_MAX_LAYERS layers of widths <= POINTWISE_MAX_WIDTH."""
+    _require_core()
+    return _Pointwise.apply(x, threads, *(w for w, _ in layers), *(b for _, b in layers))

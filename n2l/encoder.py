@@ -234,15 +234,27 @@ def _on_core(x: torch.Tensor) -> bool:
 
 
 class _TrainingModel(N2LModel):
-    """The reference network, its 3x3 convolutions and upsampling on the C++ core's training
-    kernels for one float32 image on the CPU: torch's are several times slower for so few
-    channels (bench/RESULTS.md 7r). Same function up to float rounding (tests/test_cpu_core.py)."""
+    """The reference network, its 3x3 convolutions, upsampling and 1x1 stacks on the C++ core's
+    training kernels for one float32 image on the CPU: torch's are several times slower for so
+    few channels (bench/RESULTS.md 7r). Same function up to float rounding (tests/test_cpu_core.py);
+    the kernels run on `threads` threads, which changes no result."""
+
+    def __init__(self, config: ModelConfig, height: int, width: int, threads: int = 1):
+        super().__init__(config, height, width)
+        self.threads = threads
 
     def conv(self, x: torch.Tensor, name: str) -> torch.Tensor:
         layer = self.layer(name)
         if layer.kernel_size[0] == 3 and _on_core(x):
-            return cpu.conv3x3(x, layer.weight, layer.bias)
+            return cpu.conv3x3(x, layer.weight, layer.bias, self.threads)
         return super().conv(x, name)
+
+    def pointwise(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        layers = [self.layer(name) for name in names]
+        if (_on_core(x) and len(layers) <= cpu.POINTWISE_MAX_LAYERS
+                and max(max(c.in_channels, c.out_channels) for c in layers) <= cpu.POINTWISE_MAX_WIDTH):
+            return cpu.pointwise(x, [(c.weight, c.bias) for c in layers], self.threads)
+        return super().pointwise(x, names)
 
     def upsample(self, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
         if factor > 1 and _on_core(x):
@@ -256,14 +268,17 @@ _SEEDING = threading.Lock()  # candidates on threads seed their initialization i
 class _Trainer:
     """One candidate: a network, its fixed noise, its rate proxy, optimizer and random stream."""
 
-    def __init__(self, config: ModelConfig, seed: int, target: torch.Tensor, lmbda: float, tc: TrainingConfig):
-        self.seed, self.target, self.lmbda, self.tc = seed, target, lmbda, tc
+    def __init__(self, config: ModelConfig, seed: int, target: torch.Tensor, lmbda: float, tc: TrainingConfig,
+                 threads: int = 1):
+        self.seed, self.target, self.lmbda, self.tc, self.threads = seed, target, lmbda, tc, threads
         # The initialization draws from torch's seeded global generator (restored afterwards);
         # the training noise from the trainer's own generator, which continues that stream.
         with _SEEDING, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            network = _TrainingModel if cpu.unavailable_reason() is None else N2LModel
-            self.model = network(config, target.shape[-2], target.shape[-1]).to(target.device)
+            if cpu.unavailable_reason() is None:
+                self.model = _TrainingModel(config, *target.shape[-2:], threads).to(target.device)
+            else:
+                self.model = N2LModel(config, *target.shape[-2:]).to(target.device)
             self.generator = torch.Generator(target.device)
             if target.device.type == "cpu":
                 self.generator.set_state(torch.get_rng_state())
@@ -891,15 +906,19 @@ def encode(
     device = torch.device(device)
     target = to_tensor(array).to(device)
 
-    candidate = functools.partial(_encode_seed, target=target, lam=lam, cfg=cfg, tc=tc, target_bytes=target_bytes,
-                                  target_psnr=target_psnr, verbose=verbose, several=seeds > 1)
-    if seeds == 1:
-        return candidate(seed)[0]
-    # Side by side on threads, each with an equal share of torch's threads: a training step is
-    # mostly small ops that one thread runs nearly as fast as two (bench/RESULTS.md 7q).
+    # Candidates side by side on threads, each with an equal share of the cores. On the CPU the
+    # C++ core runs the heavy layers on that share and torch its many small ops on one thread
+    # (a second thread barely speeds them up, and its idle OpenMP workers spin against the
+    # core's: bench/RESULTS.md 7r); the stream then depends on no thread count.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // seeds))
+    share = max(1, threads // seeds)
+    on_core = device.type == "cpu" and cpu.unavailable_reason() is None
+    candidate = functools.partial(_encode_seed, target=target, lam=lam, cfg=cfg, tc=tc, target_bytes=target_bytes,
+                                  target_psnr=target_psnr, verbose=verbose, several=seeds > 1, threads=share)
+    torch.set_num_threads(1 if on_core else share)
     try:
+        if seeds == 1:
+            return candidate(seed)[0]
         with ThreadPoolExecutor(seeds) as pool:
             results = list(pool.map(candidate, [(seed + k) & 0xFFFFFFFF for k in range(seeds)], range(seeds)))
     finally:
@@ -915,7 +934,7 @@ def encode(
 
 def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: float, cfg: ModelConfig,
                  tc: TrainingConfig, target_bytes: int | None, target_psnr: float | None,
-                 verbose: bool, several: bool) -> tuple[bytes, float]:
+                 verbose: bool, several: bool, threads: int) -> tuple[bytes, float]:
     """One candidate of `encode` (noise seed `seed`, progress bar at `position`): its
     bitstream and the MSE (on [0, 1]) of its 8-bit decoded image."""
     height, width = target.shape[-2:]
@@ -932,7 +951,7 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
         if verbose and it % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.2e}", psnr=f"{_psnr_from_mse(float(mse)):.2f}", bpp=f"{float(bpp):.3f}")
 
-    trainer = _Trainer(cfg, seed, target, lam, tc)
+    trainer = _Trainer(cfg, seed, target, lam, tc, threads)
     # Rate control sets lambda from probes of the final stream during the main phase and steers
     # it until 80% of the fine-tuning, then the step search lands on the target.
     control = None
@@ -945,7 +964,7 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
         if control and control.needs_probe(it, n_main):
             bar.set_description(f"{name} probe")
             if control.probe(n_qat):  # lambda was far off: its early training would cost RD
-                trainer = control.t = _Trainer(cfg, trainer.seed, target, trainer.lmbda, tc)
+                trainer = control.t = _Trainer(cfg, trainer.seed, target, trainer.lmbda, tc, threads)
                 bar.total += it
                 it = 0
             bar.set_description(f"{name} encode")

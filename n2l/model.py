@@ -247,6 +247,12 @@ class N2LModel(nn.Module):
         """Convolution `name` (edge-replication padding) applied to x."""
         return _conv(x, self.layer(name))
 
+    def pointwise(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The 1x1 convolutions `names` applied in turn, with ReLU between them."""
+        for i, name in enumerate(names):
+            x = self.conv(x, name) if i == 0 else self.conv(torch.relu(x), name)
+        return x
+
     def upsample(self, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
         """See `upsample`."""
         return upsample(x, factor, height, width)
@@ -280,8 +286,10 @@ class N2LModel(nn.Module):
             else:
                 u = self.upsample(ys[s + 1], 2, z.shape[-2], z.shape[-1])
                 x = torch.cat([z, u], dim=1)
-            h = torch.relu(self.conv(x, f"gpp.{s}.0"))
-            p = self.conv(h, f"gpp.{s}.1")
+            if cfg.gpp_kernel_at(s) == 1:
+                p = self.pointwise(x, [f"gpp.{s}.0", f"gpp.{s}.1"])
+            else:
+                p = self.conv(torch.relu(self.conv(x, f"gpp.{s}.0")), f"gpp.{s}.1")
             mu, sigma = u + p[:, :c], F.softplus(p[:, c:])
             ys[s] = mu + sigma * z
         return ys
@@ -289,11 +297,7 @@ class N2LModel(nn.Module):
     def synthesis(self, ys: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
         """Latents -> image [B, out_channels, H, W] (not clamped)."""
         x = torch.cat([self.upsample(y, 1 << s, height, width) for s, y in enumerate(ys)], dim=1)
-        n_synth = len(self.config.synth_hidden) + 1
-        for i in range(n_synth):
-            x = self.conv(x, f"synth.{i}")
-            if i < n_synth - 1:
-                x = torch.relu(x)
+        x = self.pointwise(x, [f"synth.{i}" for i in range(len(self.config.synth_hidden) + 1)])
         for r in range(self.config.synth_residual):
             x = x + self.conv(x, f"synth_res.{r}")
         return x

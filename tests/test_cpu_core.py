@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import subprocess
 import sys
@@ -246,19 +247,42 @@ def test_training_upsample_matches_torch(channels, h, w, factor, height, width, 
         _assert_rel_close(_value_and_grads(lambda t: cpu.upsample(t, factor, height, width), [x], 2), want)
 
 
+def _pointwise_inputs(widths: tuple[int, ...], height: int, width: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(1, widths[0], height, width)]
+    shapes += [(cout, cin, 1, 1) for cin, cout in zip(widths[:-1], widths[1:])] + [(cout,) for cout in widths[1:]]
+    return [torch.randn(shape, generator=gen).requires_grad_() for shape in shapes]
+
+
+def _pointwise(x: torch.Tensor, *params: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    n = len(params) // 2
+    return cpu.pointwise(x, list(zip(params[:n], params[n:])), threads)
+
+
+@pytest.mark.parametrize("widths, height, width", [((7, 12, 3), 64, 64), ((2, 4, 2), 5, 7), ((1, 1), 1, 1),
+                                                   ((28, 40, 24, 3), 9, 33), ((3, 64, 64, 1), 3, 300)])
+def test_training_pointwise_matches_torch(widths, height, width, each_isa) -> None:
+    inputs = _pointwise_inputs(widths, height, width, sum(widths))
+
+    def reference_stack(x, *params):
+        n = len(params) // 2
+        for i, (w, b) in enumerate(zip(params[:n], params[n:])):
+            x = torch.nn.functional.conv2d(x if i == 0 else torch.relu(x), w, b)
+        return x
+
+    want = _value_and_grads(reference_stack, inputs, 4)
+    for _ in each_isa():
+        _assert_rel_close(_value_and_grads(_pointwise, inputs, 4), want)
+
+
 def test_training_kernels_do_not_depend_on_the_thread_count() -> None:
     gen = torch.Generator().manual_seed(5)
-    inputs = [torch.randn(shape, generator=gen).requires_grad_() for shape in ((1, 3, 70, 50), (3, 3, 3, 3), (3,))]
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            results.append(_value_and_grads(cpu.conv3x3, inputs, 3))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    conv = [torch.randn(shape, generator=gen).requires_grad_() for shape in ((1, 3, 70, 50), (3, 3, 3, 3), (3,))]
+    stack = _pointwise_inputs((7, 12, 3), 90, 101, 6)  # several bands of pixels
+    for f, inputs in ((cpu.conv3x3, conv), (_pointwise, stack)):
+        one, three = (_value_and_grads(functools.partial(f, threads=n), inputs, 3) for n in (1, 3))
+        for a, b in zip(one, three):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig(gpp_kernel_min_scale=0, synth_residual=2),
