@@ -140,47 +140,63 @@ def laplace_bits(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _checkerboard_geometry(h: int, w: int) -> tuple[torch.Tensor, ...]:
-    """Flat indices of an h x w grid's anchors ((i + j) even) and other values, the [4, others]
-    indices of each other value's 4 neighbours (h * w, a zero slot, where out of bounds) and
-    their in-bounds count (CPU; reused every step: indices avoid a mask's nonzero)."""
-    (anchors, _), (others, offsets) = pass_geometry(2, h, w)
-    i, j = np.nonzero(others)
-    neighbours = []
-    for di, dj in offsets:
-        y, x = i + di, j + dj
-        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
-        neighbours.append(np.where(inside, y * w + x, h * w))
-    neighbours = np.stack(neighbours)
-    count = (neighbours < h * w).sum(0)
-    return (torch.from_numpy(np.flatnonzero(anchors)), torch.from_numpy(np.flatnonzero(others)),
-            torch.from_numpy(neighbours), torch.from_numpy(count).float())
+def _checkerboard_geometry(shapes: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, ...]:
+    """Indices into the concatenated flat h x w grids of `shapes` (plus a zero slot at the end,
+    index sum(h * w)): all anchors ((i + j) even) and all other values, grid by grid; the [4,
+    others] indices of each other value's 4 neighbours (the zero slot where out of bounds),
+    their in-bounds count, and each other value's grid. CPU; reused every step (indices avoid
+    a mask's nonzero)."""
+    total = sum(h * w for h, w in shapes)
+    anchors, others, grid, neighbours = [], [], [], [[], [], [], []]
+    offset = 0
+    for g, (h, w) in enumerate(shapes):
+        (anchor_mask, _), (other_mask, offsets) = pass_geometry(2, h, w)
+        i, j = np.nonzero(other_mask)
+        for d, (di, dj) in enumerate(offsets):
+            y, x = i + di, j + dj
+            inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+            neighbours[d].append(np.where(inside, offset + y * w + x, total))
+        anchors.append(offset + np.flatnonzero(anchor_mask))
+        others.append(offset + np.flatnonzero(other_mask))
+        grid.append(np.full(len(i), g))
+        offset += h * w
+    neighbours = np.stack([np.concatenate(n) for n in neighbours])
+    count = (neighbours < total).sum(0)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                 (np.concatenate(anchors), np.concatenate(others), neighbours, count.astype(np.float32),
+                  np.concatenate(grid)))
 
 
-def checkerboard_residuals(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The training proxy's model of a latent v [C, h, w] (in units of its step), each half under
-    its own zero-mean Laplace: the anchors, and the others minus their prediction from their
-    anchor neighbours (the prediction weight fitted by least squares, as the coder fits it).
+def checkerboard_residuals(*latents: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The training proxy's model of latents v [C, h, w] (in units of their steps): per latent,
+    its anchors and its other values minus their prediction from their anchor neighbours (the
+    prediction weight fitted per latent by least squares, as the coder fits it), each part under
+    its own zero-mean Laplace. A 1 x 1 latent is one part. All latents in one pass of batched ops.
 
     The coder (n2l.weights.LatentCode) also predicts most anchors, in passes over ever finer
     subgrids, and lets every scale follow the neighbours' magnitude. Charging those in
     training too cost RD at low rate (bench/RESULTS.md 7j): its cheaper nonzero values next to
     nonzero neighbours weaken the push toward sparse latents. So training keeps this model."""
-    h, w = v.shape[-2:]
-    if h * w == 1:
-        return (v,)
-    anchors, others, neighbours, count = (t.to(v.device) for t in _checkerboard_geometry(h, w))
-    flat = v.reshape(v.shape[0], h * w)
+    shapes = tuple(tuple(v.shape[-2:]) for v in latents)
+    anchors, others, neighbours, count, grid = (t.to(latents[0].device) for t in _checkerboard_geometry(shapes))
+    c = latents[0].shape[0]
+    flat = torch.cat([v.reshape(c, -1) for v in latents] + [latents[0].new_zeros(c, 1)], dim=1)
     # index_select: its backward is an index_add, several times faster than advanced indexing's
-    pred = F.pad(flat, (0, 1)).index_select(1, neighbours.flatten()).view(-1, *neighbours.shape).sum(1) / count
+    pred = flat.index_select(1, neighbours.flatten()).view(c, 4, -1).sum(1) / count
     values = flat.index_select(1, others)
-    alpha = ((values * pred).sum() / (pred * pred).sum().clamp_min(1e-9)).clamp(0, 1).detach()
-    return flat.index_select(1, anchors), values - alpha * pred
+    fit = torch.stack([values * pred, pred * pred]).sum(1).detach()  # [2, others]
+    sums = fit.new_zeros(2, len(latents)).index_add_(1, grid, fit)
+    alpha = (sums[0] / sums[1].clamp_min(1e-9)).clamp(0, 1)
+    residuals = values - alpha[grid] * pred
+    n_anchors = [(h * w + 1) // 2 for h, w in shapes]
+    n_others = [h * w // 2 for h, w in shapes]
+    return [(a, r) if r.shape[-1] else (a,) for a, r in
+            zip(flat.index_select(1, anchors).split(n_anchors, 1), residuals.split(n_others, 1))]
 
 
 def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
     """Bits of a latent v [C, h, w] (in units of its step) under the checkerboard model."""
-    return laplace_bits(*checkerboard_residuals(v))
+    return laplace_bits(*checkerboard_residuals(v)[0])
 
 
 class _RateProxy:
@@ -203,7 +219,7 @@ class _RateProxy:
         # All layer tensors in one division (a few ops per step instead of a few per tensor).
         layers = torch.cat([p.flatten() for p in tensors[:n]])
         layers = layers / steps[:n].repeat_interleave(self.layer_sizes_tensor)
-        coded = [checkerboard_residuals(p[0] / steps[n + i]) for i, p in enumerate(tensors[n:])]
+        coded = checkerboard_residuals(*(p[0] / steps[n + i] for i, p in enumerate(tensors[n:]))) if tensors[n:] else []
         if self.coarse_latent_rate == 1.0 or len(coded) < 2:
             return laplace_bits(*layers.split(self.layer_sizes), *(part for parts in coded for part in parts))
         coarse = laplace_bits(*(part for parts in coded[:-1] for part in parts))

@@ -129,7 +129,7 @@ def test_coarse_latent_rate_weights_all_but_the_finest_latent():
     model = N2LModel(HYBRID_CONFIGS[0], 32, 32)
     params = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     coarse = [p for n, p in params.items() if n.startswith("coded.")][:-1]
-    coarse_bits = laplace_bits(*(r for p in coarse for r in checkerboard_residuals(p[0])))
+    coarse_bits = laplace_bits(*(r for parts in checkerboard_residuals(*(p[0] for p in coarse)) for r in parts))
     full, light = _RateProxy(model, -8.0), _RateProxy(model, -8.0, 0.4)  # latents start at step 1
     assert len(coarse) > 1 and coarse_bits > 0
     assert (full.bits(params) - light.bits(params)).item() == pytest.approx(0.6 * coarse_bits.item(), rel=1e-4)
