@@ -208,8 +208,9 @@ class _RateProxy:
         self.n_layer_tensors = 2 * len(model.config.layer_shapes())
         init = [init_log2_step] * self.n_layer_tensors + [0.0] * len(model.coded)
         self.log2_steps = torch.tensor(init, device=next(model.parameters()).device, requires_grad=True)
-        self.layer_sizes = [p.numel() for p in list(model.parameters())[: self.n_layer_tensors]]
-        self.layer_sizes_tensor = torch.tensor(self.layer_sizes, device=self.log2_steps.device)
+        self.sizes = [p.numel() for p in model.parameters()]
+        self.sizes_tensor = torch.tensor(self.sizes, device=self.log2_steps.device)
+        self.layer_sizes = self.sizes[: self.n_layer_tensors]
         self.coarse_latent_rate = coarse_latent_rate
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -218,7 +219,7 @@ class _RateProxy:
         n = self.n_layer_tensors
         # All layer tensors in one division (a few ops per step instead of a few per tensor).
         layers = torch.cat([p.flatten() for p in tensors[:n]])
-        layers = layers / steps[:n].repeat_interleave(self.layer_sizes_tensor)
+        layers = layers / steps[:n].repeat_interleave(self.sizes_tensor[:n])
         coded = checkerboard_residuals(*(p[0] / steps[n + i] for i, p in enumerate(tensors[n:]))) if tensors[n:] else []
         if self.coarse_latent_rate == 1.0 or len(coded) < 2:
             return laplace_bits(*layers.split(self.layer_sizes), *(part for parts in coded for part in parts))
@@ -230,9 +231,11 @@ class _RateProxy:
         self.log2_steps.requires_grad_(False).copy_(-torch.tensor(exponents, dtype=torch.float32))
 
     def noisy(self, params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        steps = torch.exp2(self.log2_steps)
-        return {n: p + (torch.rand(p.shape, generator=generator, device=p.device) - 0.5) * steps[i]
-                for i, (n, p) in enumerate(params.items())}
+        """The tensors plus uniform noise of one step's width (all tensors in a few ops)."""
+        flat = torch.cat([p.flatten() for p in params.values()])
+        width = torch.exp2(self.log2_steps).repeat_interleave(self.sizes_tensor)
+        flat = flat + (torch.rand(flat.shape, generator=generator, device=flat.device) - 0.5) * width
+        return {n: t.view(p.shape) for (n, p), t in zip(params.items(), flat.split(self.sizes))}
 
 
 def _psnr_from_mse(mse: float) -> float:
