@@ -1,6 +1,6 @@
-// Shared declarations of the n2l C++ CPU decode core.
+// Shared declarations of the n2l C++ CPU core (decoder and training kernels).
 //
-// kernels.cpp and noise.cpp are compiled once per instruction-set variant (base, avx2,
+// kernels.cpp, noise.cpp and train.cpp are compiled once per instruction-set variant (base, avx2,
 // avx512), each into its own namespace n2l::<variant>; module.cpp picks one at run time.
 // Keep this header free of standard-library templates: an inline template instantiated in
 // an AVX-512 translation unit could be merged by the linker into code that runs on a CPU

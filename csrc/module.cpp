@@ -1,6 +1,7 @@
 // Python bindings (nanobind), run-time instruction-set dispatch and threading of the n2l
-// C++ CPU decode core. Compiled with baseline flags: only the variants in kernels.cpp /
-// noise.cpp use AVX2 or AVX-512, and only after the CPU has been checked here.
+// C++ CPU core (decoder and training kernels). Compiled with baseline flags: only the variants
+// in kernels.cpp / noise.cpp / train.cpp use AVX2 or AVX-512, and only after the CPU has been
+// checked here.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -370,7 +371,7 @@ void pointwise_backward(const FloatArray& x, const std::vector<FloatArray>& weig
 }  // namespace
 
 NB_MODULE(_core, m) {
-  m.doc() = "n2l C++ CPU decode core (see n2l/cpu.py for the Python API)";
+  m.doc() = "n2l C++ CPU core: decoder and training kernels (see n2l/cpu.py for the Python API)";
   m.def("decode", &decode, nb::arg("seed"), nb::arg("height"), nb::arg("width"), nb::arg("n_scales"),
         nb::arg("latent_channels"), nb::arg("gpp_hidden"), nb::arg("gpp_kernel"), nb::arg("gpp_kernel_min_scale"),
         nb::arg("synth_hidden"), nb::arg("synth_residual"), nb::arg("out_channels"), nb::arg("weights"),

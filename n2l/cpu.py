@@ -1,12 +1,13 @@
-"""The compiled C++ CPU decode core (``n2l._core``, built from csrc/ by ``pip install``).
+"""The compiled C++ CPU core (``n2l._core``, built from csrc/ by ``pip install``): the decoder,
+and the encoder's training kernels (`conv3x3`, `upsample`, `pointwise`, forward and backward).
 
-Same network as the torch reference (n2l/model.py), row-streamed and multithreaded, with
-run-time dispatch to AVX-512, AVX2 or baseline SSE2 code. The noise is bit-identical to
+The decoder runs the same network as the torch reference (n2l/model.py), row-streamed and
+multithreaded, with run-time dispatch to AVX-512, AVX2 or baseline SSE2 code. The noise is bit-identical to
 n2l.noise; pixels agree with the reference to within one level on rare pixels (float sums are
 reordered and softplus/exp use polynomial approximations).
 
 If the extension is missing (the build was skipped or failed) the package still works:
-`unavailable_reason()` says why, and the decoder falls back to torch.
+`unavailable_reason()` says why, and the decoder and the encoder's training fall back to torch.
 """
 
 from __future__ import annotations

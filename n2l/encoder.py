@@ -87,10 +87,11 @@ MODES = ("pure", "hybrid")
 # Hybrid is the default: about a third of the pure mode's bits at equal PSNR (BD-rate -68%,
 # bench/RESULTS.md 7b); pure, the paper's latent-free design, stays one argument away.
 DEFAULT_MODE = "hybrid"
-# Training iterations per mode and quality. Hybrid mode keeps gaining to 16000 (bench/RESULTS.md
-# 5, 7f, 7k); its levels 5-8 (every scale coded: slower steps) stop at 12000 to stay inside
-# 5 minutes per 256x256 crop on 2 CPU cores (a level-5 encode took 243 s at 16000).
-DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (16000,) * 5 + (12000,) * 4}
+# Training iterations per mode and quality. Hybrid mode keeps gaining with iterations
+# (bench/RESULTS.md 5, 7f, 7k, 7r); 24000 for levels 0-4 and 18000 for 5-8 (every scale coded:
+# slower steps) fit in the time 16000 and 12000 took before the C++ training kernels (7r),
+# inside 5 minutes per 256x256 crop on 2 CPU cores.
+DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (24000,) * 5 + (18000,) * 4}
 # Peak learning rate per mode and quality: hybrid levels 0-4 gain from a higher one at 16000
 # iterations (one crop each, RD cost against 1e-2: quality 3 -2.8% at 2e-2, -3.9% at 3e-2,
 # -3.0% at 4e-2; quality 0 -3.2% at 2e-2, -7.9% at 3e-2). Quality 6 did not (+0.4% at 2e-2).
@@ -894,7 +895,7 @@ def encode(
     quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
     `lmbda` overrides the lambda. `mode` is "pure" (the paper's design: every latent is
     generated from seeded noise) or "hybrid" (the coarse latent scales are transmitted, see
-    HYBRID_CONFIGS; with `preset`, all of them; 12000-16000 iterations by default instead of 2000).
+    HYBRID_CONFIGS; with `preset`, all of them; 18000-24000 iterations by default instead of 2000).
     `seeds` > 1 encodes that many candidates (noise seeds seed, seed+1, ...) side by side, each
     on its share of torch's threads, and keeps the stream of lowest MSE + lambda * bpp (under
     rate control: the best one that meets the target). `verbose` shows progress bars.
