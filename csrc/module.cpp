@@ -256,35 +256,24 @@ void conv3x3_backward(const FloatArray& x, const FloatArray& w, const FloatArray
   if (!ok) throw std::bad_alloc();
 }
 
-void check_upsample(size_t C, int h, int w, int factor, int H, int W) {
-  if (C < 1 || h < 1 || w < 1 || factor < 1 || H < 1 || W < 1 || static_cast<int64_t>(h) * factor < H ||
+// upsample: x [C, h, w] -> y [C, H, W]; backward: gy [C, H, W] -> gx [C, h, w].
+void upsample_call(const FloatArray& src, int factor, OutArray dst, bool backward) {
+  if (src.ndim() != 3 || dst.ndim() != 3 || src.shape(0) != dst.shape(0) || src.shape(0) < 1)
+    throw std::invalid_argument("upsample: arrays must be [C, ., .] with the same C");
+  const int C = static_cast<int>(src.shape(0));
+  const int h = static_cast<int>(backward ? dst.shape(1) : src.shape(1));
+  const int w = static_cast<int>(backward ? dst.shape(2) : src.shape(2));
+  const int H = static_cast<int>(backward ? src.shape(1) : dst.shape(1));
+  const int W = static_cast<int>(backward ? src.shape(2) : dst.shape(2));
+  if (h < 1 || w < 1 || factor < 1 || H < 1 || W < 1 || static_cast<int64_t>(h) * factor < H ||
       static_cast<int64_t>(w) * factor < W)
     throw std::invalid_argument("upsample: need [C, h, w] -> [C, H, W] with H <= h * factor, W <= w * factor");
-}
-
-void upsample_forward(const FloatArray& x, int factor, OutArray y) {
-  if (x.ndim() != 3 || y.ndim() != 3 || y.shape(0) != x.shape(0)) throw std::invalid_argument("upsample: x, y [C, ., .]");
-  const int h = static_cast<int>(x.shape(1)), w = static_cast<int>(x.shape(2));
-  const int H = static_cast<int>(y.shape(1)), W = static_cast<int>(y.shape(2)), C = static_cast<int>(x.shape(0));
-  check_upsample(x.shape(0), h, w, factor, H, W);
+  const n2l::TrainKernels& k = *active().train;
   bool ok;
   {
     nb::gil_scoped_release release;
-    ok = active().train->upsample(x.data(), C, h, w, factor, H, W, y.data());
-  }
-  if (!ok) throw std::bad_alloc();
-}
-
-void upsample_backward(const FloatArray& gy, int factor, OutArray gx) {
-  if (gy.ndim() != 3 || gx.ndim() != 3 || gy.shape(0) != gx.shape(0))
-    throw std::invalid_argument("upsample: gy, gx [C, ., .]");
-  const int h = static_cast<int>(gx.shape(1)), w = static_cast<int>(gx.shape(2));
-  const int H = static_cast<int>(gy.shape(1)), W = static_cast<int>(gy.shape(2)), C = static_cast<int>(gy.shape(0));
-  check_upsample(gy.shape(0), h, w, factor, H, W);
-  bool ok;
-  {
-    nb::gil_scoped_release release;
-    ok = active().train->upsample_backward(gy.data(), C, h, w, factor, H, W, gx.data());
+    ok = backward ? k.upsample_backward(src.data(), C, h, w, factor, H, W, dst.data())
+                  : k.upsample(src.data(), C, h, w, factor, H, W, dst.data());
   }
   if (!ok) throw std::bad_alloc();
 }
@@ -385,9 +374,15 @@ NB_MODULE(_core, m) {
   m.def("conv3x3_backward", &conv3x3_backward, nb::arg("x"), nb::arg("w"), nb::arg("gy"), nb::arg("gx"),
         nb::arg("gw"), nb::arg("gb"), nb::arg("threads"),
         "Gradients of conv3x3_forward with respect to x, w and b, from that of y.");
-  m.def("upsample_forward", &upsample_forward, nb::arg("x"), nb::arg("factor"), nb::arg("y"),
+  m.def(
+      "upsample_forward",
+      [](const FloatArray& x, int factor, OutArray y) { upsample_call(x, factor, y, false); }, nb::arg("x"),
+      nb::arg("factor"), nb::arg("y"),
         "Bilinear upsampling of x [C, h, w] by factor into y [C, H, W] (cropped; training).");
-  m.def("upsample_backward", &upsample_backward, nb::arg("gy"), nb::arg("factor"), nb::arg("gx"),
+  m.def(
+      "upsample_backward",
+      [](const FloatArray& gy, int factor, OutArray gx) { upsample_call(gy, factor, gx, true); }, nb::arg("gy"),
+      nb::arg("factor"), nb::arg("gx"),
         "Gradient gx [C, h, w] of upsample_forward's input from that of its output, gy [C, H, W].");
   m.def("pointwise_forward", &pointwise_forward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"), nb::arg("y"),
         nb::arg("threads"), "1x1 layers ([out, in] weights) with ReLU between: y [out, N] from x [in, N].");

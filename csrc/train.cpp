@@ -31,6 +31,15 @@ void padded_row(const float* row, int W, float* p, int len) {
   memset(p + W + 2, 0, sizeof(float) * (len - W - 2));
 }
 
+// The padded rows r - 1, r, r + 1 (clamped) of every channel of x [C, H, W] into p[(c * 3 + dy) * len].
+void padded_rows(const float* x, int C, int H, int W, int r, float* p, int len) {
+  const size_t plane = static_cast<size_t>(H) * W;
+  for (int c = 0; c < C; ++c)
+    for (int dy = 0; dy < 3; ++dy)
+      padded_row(x + c * plane + static_cast<size_t>(clampi(r + dy - 1, 0, H - 1)) * W, W, p + (c * 3 + dy) * len,
+                 len);
+}
+
 // row shifted right by `shift` columns, zeros elsewhere up to len.
 void shifted_row(const float* row, int W, int shift, float* g, int len) {
   memset(g, 0, sizeof(float) * len);
@@ -46,10 +55,7 @@ bool conv3x3_rows(const float* x, int C, int H, int W, const float* w, const flo
   float* out = buf + 3 * C * len;
   const size_t plane = static_cast<size_t>(H) * W;
   for (int r = r0; r < r1; ++r) {
-    for (int c = 0; c < C; ++c)
-      for (int dy = 0; dy < 3; ++dy)
-        padded_row(x + c * plane + static_cast<size_t>(clampi(r + dy - 1, 0, H - 1)) * W, W,
-                   buf + (c * 3 + dy) * len, len);
+    padded_rows(x, C, H, W, r, buf, len);
     for (int o = 0; o < O; ++o) {
       const float* wo = w + o * C * 9;
       for (int j = 0; j < nc; ++j) {
@@ -90,10 +96,7 @@ bool conv3x3_backward_rows(const float* x, const float* gy, int C, int H, int W,
 
   for (int r = r0; r < r1; ++r) {
     // Weight and bias gradients: sum over the row of gy[o, r, x] * xpad[c, r + dy, x + dx].
-    for (int c = 0; c < C; ++c)
-      for (int dy = 0; dy < 3; ++dy)
-        padded_row(x + c * plane + static_cast<size_t>(clampi(r + dy - 1, 0, H - 1)) * W, W,
-                   prow + (c * 3 + dy) * len, len);
+    padded_rows(x, C, H, W, r, prow, len);
     for (int o = 0; o < O; ++o) {
       float* g = grow + o * len;
       memcpy(g, gy + o * plane + static_cast<size_t>(r) * W, sizeof(float) * W);

@@ -290,7 +290,7 @@ class _Trainer:
 
     def __init__(self, config: ModelConfig, seed: int, target: torch.Tensor, lmbda: float, tc: TrainingConfig,
                  threads: int = 1):
-        self.seed, self.target, self.lmbda, self.tc, self.threads = seed, target, lmbda, tc, threads
+        self.seed, self.target, self.lmbda, self.tc = seed, target, lmbda, tc
         # The initialization draws from torch's seeded global generator (restored afterwards);
         # the training noise from the trainer's own generator, which continues that stream.
         with _SEEDING, torch.random.fork_rng(devices=[]):
@@ -897,7 +897,7 @@ def encode(
     generated from seeded noise) or "hybrid" (the coarse latent scales are transmitted, see
     HYBRID_CONFIGS; with `preset`, all of them; 18000-24000 iterations by default instead of 2000).
     `seeds` > 1 encodes that many candidates (noise seeds seed, seed+1, ...) side by side, each
-    on its share of torch's threads, and keeps the stream of lowest MSE + lambda * bpp (under
+    on its share of torch's threads (the cores), and keeps the stream of lowest MSE + lambda * bpp (under
     rate control: the best one that meets the target). `verbose` shows progress bars.
 
     Rate control: `target_bytes` gives the largest stream not above that size (aiming within

@@ -123,6 +123,23 @@ def test_seed_candidates_keep_the_best_single_seed_stream(crop64):
     assert both == min(singles, key=lambda b: _rd_cost(img, b, 3))
 
 
+@pytest.mark.skipif(n2l.cpu.unavailable_reason() is not None, reason="training on the C++ core's kernels")
+@pytest.mark.parametrize("mode", ["hybrid", "pure"])
+def test_cpu_streams_do_not_depend_on_the_thread_count(crop64, mode):
+    """With the C++ core, a CPU encode runs torch on one thread and the core's kernels (fixed
+    bands, summed in order) on the others: the same bytes for any thread count."""
+    img = crop64[:40, :24]
+    threads = torch.get_num_threads()
+    try:
+        streams = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            streams.append(n2l.encode(img, 6, mode=mode, iterations=30, verbose=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert streams[0] == streams[1]
+
+
 def test_seed_candidates_under_rate_control_stay_under_the_target(crop64):
     buf = n2l.encode(crop64[:32, :32], iterations=40, seeds=2, target_bytes=300, verbose=False)
     assert 0.5 * 300 <= len(buf) <= 300

@@ -187,7 +187,8 @@ def test_decoder_backend_dispatch() -> None:
 
 
 def test_package_works_without_the_extension(tmp_path) -> None:
-    """With n2l._core unimportable, n2l.cpu reports why (one warning) and decoding falls back to torch."""
+    """With n2l._core unimportable, n2l.cpu reports why (one warning), and decoding and the
+    encoder's training fall back to torch."""
     code = """
 import sys, warnings
 sys.modules["n2l._core"] = None  # makes `from . import _core` raise ImportError
@@ -200,6 +201,10 @@ with warnings.catch_warnings(record=True) as caught:
     assert cpu.unavailable_reason()
     assert not backend_available("cpu")
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    import numpy as np
+    import n2l
+    image = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    assert n2l.decode(n2l.encode(image, iterations=3, verbose=False)).shape == image.shape
 assert sum("C++ CPU core unavailable" in str(w.message) for w in caught) == 1, caught
 print("ok")
 """
@@ -207,7 +212,7 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
-# The encoder's training kernels (n2l.cpu.conv3x3, n2l.cpu.upsample) against the reference ops.
+# The encoder's training kernels (n2l.cpu.conv3x3, upsample, pointwise) against the reference ops.
 
 def _value_and_grads(f, inputs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     out = f(*inputs)
@@ -300,3 +305,21 @@ def test_training_network_matches_the_reference(cfg: ModelConfig) -> None:
         loss = (out - 0.5).square().mean()
         results.append([out.detach(), *torch.autograd.grad(loss, list(net.parameters()))])
     _assert_rel_close(results[1], results[0])
+
+
+def test_training_kernels_reject_bad_shapes() -> None:
+    from n2l import _core
+
+    x, w, b = (np.zeros(s, np.float32) for s in ((3, 8, 8), (3, 3, 3, 3), (3,)))
+    with pytest.raises(ValueError, match="conv3x3"):
+        _core.conv3x3_forward(x, np.zeros((3, 2, 3, 3), np.float32), b, np.zeros((3, 8, 8), np.float32), 1)
+    with pytest.raises(ValueError, match="conv3x3"):
+        _core.conv3x3_forward(x, w, b, np.zeros((3, 8, 7), np.float32), 1)
+    with pytest.raises(ValueError, match="upsample"):
+        _core.upsample_forward(np.zeros((1, 4, 4), np.float32), 2, np.zeros((1, 9, 8), np.float32))
+    with pytest.raises(ValueError, match="pointwise"):
+        _core.pointwise_forward(np.zeros((7, 10), np.float32), [np.zeros((12, 6), np.float32)],
+                                [np.zeros(12, np.float32)], np.zeros((12, 10), np.float32), 1)
+    with pytest.raises(ValueError, match="pointwise"):
+        _core.pointwise_forward(np.zeros((7, 10), np.float32), [np.zeros((65, 7), np.float32)],
+                                [np.zeros(65, np.float32)], np.zeros((65, 10), np.float32), 1)
