@@ -197,7 +197,7 @@ def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Ten
 
 
 POINTWISE_MAX_WIDTH = 64  # kMaxWidth in csrc/core.h
-POINTWISE_MAX_LAYERS = 10
+POINTWISE_MAX_LAYERS = 10  # kMaxSynth + 1 in csrc/module.cpp
 
 
 def pointwise(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 1) -> torch.Tensor:
