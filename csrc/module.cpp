@@ -189,8 +189,40 @@ void noise_into(uint32_t seed, uint32_t scale, uint32_t y0, uint32_t x0,
 
 using OutArray = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
 
-// Rows per band of the training kernels: fixed, so results never depend on the thread count.
-constexpr int kTrainBand = 16;
+// Training kernels work in bands of a fixed size, never of the thread count, and their
+// per-band partial sums are added in band order: results do not depend on `threads`.
+constexpr int kTrainBand = 16;         // rows per band of the 3x3 convolution
+constexpr int kPointwiseBand = 4096;   // pixels per band of the 1x1 stacks (a multiple of every vector length)
+
+// fn(band, lo, hi) for the bands [lo, hi) of [0, n), on up to `threads` threads without the GIL.
+template <class F>
+void for_bands(int n, int band_size, int threads, F&& fn) {
+  bool ok;
+  {
+    nb::gil_scoped_release release;
+    ok = parallel_for((n + band_size - 1) / band_size, threads,
+                      [&](int b) { return fn(b, b * band_size, std::min(n, (b + 1) * band_size)); });
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+// out[i] = sum over bands b, in order, of partial[b * stride + i], for i < count.
+void sum_bands(const std::vector<float>& partial, size_t stride, size_t offset, size_t count, float* out) {
+  const size_t n_bands = partial.size() / stride;
+  for (size_t i = 0; i < count; ++i) {
+    double s = 0;
+    for (size_t b = 0; b < n_bands; ++b) s += partial[b * stride + offset + i];
+    out[i] = static_cast<float>(s);
+  }
+}
+
+template <class Array>
+void check_shape(const Array& a, std::initializer_list<int> shape, const char* what) {
+  bool ok = a.ndim() == shape.size();
+  size_t i = 0;
+  for (int n : shape) ok = ok && i < a.ndim() && a.shape(i++) == static_cast<size_t>(n);
+  if (!ok) throw std::invalid_argument(std::string(what) + " has the wrong shape");
+}
 
 void check_conv3x3(const FloatArray& x, const FloatArray& w, int& C, int& H, int& W, int& O) {
   if (x.ndim() != 3 || w.ndim() != 4 || w.shape(1) != x.shape(0) || w.shape(2) != 3 || w.shape(3) != 3)
@@ -202,58 +234,34 @@ void check_conv3x3(const FloatArray& x, const FloatArray& w, int& C, int& H, int
   if (C < 1 || H < 1 || W < 1 || O < 1) throw std::invalid_argument("conv3x3: empty tensor");
 }
 
-void check_shape(const OutArray& a, std::initializer_list<int> shape, const char* what) {
-  bool ok = a.ndim() == shape.size();
-  size_t i = 0;
-  for (int n : shape) ok = ok && i < a.ndim() && a.shape(i++) == static_cast<size_t>(n);
-  if (!ok) throw std::invalid_argument(std::string("conv3x3: wrong shape of ") + what);
-}
-
 void conv3x3_forward(const FloatArray& x, const FloatArray& w, const FloatArray& b, OutArray y, int threads) {
   int C, H, W, O;
   check_conv3x3(x, w, C, H, W, O);
-  if (b.ndim() != 1 || b.shape(0) != static_cast<size_t>(O)) throw std::invalid_argument("conv3x3: b must be [O]");
-  check_shape(y, {O, H, W}, "y");
+  check_shape(b, {O}, "conv3x3: b");
+  check_shape(y, {O, H, W}, "conv3x3: y");
   const n2l::TrainKernels& k = *active().train;
-  bool ok;
-  {
-    nb::gil_scoped_release release;
-    ok = parallel_for((H + kTrainBand - 1) / kTrainBand, threads, [&](int band) {
-      return k.conv3x3_rows(x.data(), C, H, W, w.data(), b.data(), O, y.data(), band * kTrainBand,
-                            std::min(H, (band + 1) * kTrainBand));
-    });
-  }
-  if (!ok) throw std::bad_alloc();
+  for_bands(H, kTrainBand, threads, [&](int, int r0, int r1) {
+    return k.conv3x3_rows(x.data(), C, H, W, w.data(), b.data(), O, y.data(), r0, r1);
+  });
 }
 
 void conv3x3_backward(const FloatArray& x, const FloatArray& w, const FloatArray& gy, OutArray gx, OutArray gw,
                       OutArray gb, int threads) {
   int C, H, W, O;
   check_conv3x3(x, w, C, H, W, O);
-  if (gy.ndim() != 3 || gy.shape(0) != static_cast<size_t>(O) || gy.shape(1) != static_cast<size_t>(H) ||
-      gy.shape(2) != static_cast<size_t>(W))
-    throw std::invalid_argument("conv3x3: gy must be [O, H, W]");
-  check_shape(gx, {C, H, W}, "gx");
-  check_shape(gw, {O, C, 3, 3}, "gw");
-  check_shape(gb, {O}, "gb");
+  check_shape(gy, {O, H, W}, "conv3x3: gy");
+  check_shape(gx, {C, H, W}, "conv3x3: gx");
+  check_shape(gw, {O, C, 3, 3}, "conv3x3: gw");
+  check_shape(gb, {O}, "conv3x3: gb");
   const n2l::TrainKernels& k = *active().train;
-  const int n_bands = (H + kTrainBand - 1) / kTrainBand, n_w = O * C * 9;
-  std::vector<float> partial(static_cast<size_t>(n_bands) * (n_w + O));
-  bool ok;
-  {
-    nb::gil_scoped_release release;
-    ok = parallel_for(n_bands, threads, [&](int band) {
-      float* p = partial.data() + static_cast<size_t>(band) * (n_w + O);
-      return k.conv3x3_backward_rows(x.data(), gy.data(), C, H, W, w.data(), O, gx.data(), p, p + n_w,
-                                     band * kTrainBand, std::min(H, (band + 1) * kTrainBand));
-    });
-    for (int i = 0; i < n_w + O; ++i) {  // bands summed in order: deterministic
-      double s = 0;
-      for (int band = 0; band < n_bands; ++band) s += partial[static_cast<size_t>(band) * (n_w + O) + i];
-      (i < n_w ? gw.data()[i] : gb.data()[i - n_w]) = static_cast<float>(s);
-    }
-  }
-  if (!ok) throw std::bad_alloc();
+  const size_t n_w = static_cast<size_t>(O) * C * 9, stride = n_w + O;
+  std::vector<float> partial(static_cast<size_t>((H + kTrainBand - 1) / kTrainBand) * stride);
+  for_bands(H, kTrainBand, threads, [&](int band, int r0, int r1) {
+    float* p = partial.data() + band * stride;
+    return k.conv3x3_backward_rows(x.data(), gy.data(), C, H, W, w.data(), O, gx.data(), p, p + n_w, r0, r1);
+  });
+  sum_bands(partial, stride, 0, n_w, gw.data());
+  sum_bands(partial, stride, n_w, O, gb.data());
 }
 
 // upsample: x [C, h, w] -> y [C, H, W]; backward: gy [C, H, W] -> gx [C, h, w].
@@ -278,10 +286,9 @@ void upsample_call(const FloatArray& src, int factor, OutArray dst, bool backwar
   if (!ok) throw std::bad_alloc();
 }
 
-// Pixels per band of the fused 1x1 stacks (a multiple of every variant's vector length).
-constexpr int kPointwiseBand = 4096;
-
-std::vector<Layer> pointwise_layers(const std::vector<FloatArray>& weights, const std::vector<FloatArray>& biases) {
+// The layers of a 1x1 stack, and its pixel count N, from x [in, N] and [out, in] weights.
+std::vector<Layer> pointwise_layers(const FloatArray& x, const std::vector<FloatArray>& weights,
+                                    const std::vector<FloatArray>& biases, int& N) {
   if (weights.empty() || weights.size() != biases.size() || weights.size() > n2l::kMaxSynth + 1)
     throw std::invalid_argument("pointwise: 1 to 10 layers, one bias per weight");
   std::vector<Layer> layers;
@@ -298,63 +305,42 @@ std::vector<Layer> pointwise_layers(const std::vector<FloatArray>& weights, cons
     L.cin = static_cast<int>(w.shape(1));
     layers.push_back(L);
   }
+  if (x.ndim() != 2) throw std::invalid_argument("pointwise: x must be [in, N]");
+  N = static_cast<int>(x.shape(1));
+  check_shape(x, {layers[0].cin, N}, "pointwise: x");
   return layers;
-}
-
-void check_planes(size_t ndim, size_t rows, size_t cols, int channels, int N, const char* what) {
-  if (ndim != 2 || rows != static_cast<size_t>(channels) || cols != static_cast<size_t>(N))
-    throw std::invalid_argument(std::string("pointwise: wrong shape of ") + what);
 }
 
 void pointwise_forward(const FloatArray& x, const std::vector<FloatArray>& weights,
                        const std::vector<FloatArray>& biases, OutArray y, int threads) {
-  const std::vector<Layer> layers = pointwise_layers(weights, biases);
-  if (x.ndim() != 2) throw std::invalid_argument("pointwise: x must be [in, N]");
-  const int N = static_cast<int>(x.shape(1)), n = static_cast<int>(layers.size());
-  check_planes(x.ndim(), x.shape(0), x.shape(1), layers[0].cin, N, "x");
-  check_planes(y.ndim(), y.shape(0), y.shape(1), layers[n - 1].cout, N, "y");
+  int N;
+  const std::vector<Layer> layers = pointwise_layers(x, weights, biases, N);
+  const int n = static_cast<int>(layers.size());
+  check_shape(y, {layers[n - 1].cout, N}, "pointwise: y");
   const n2l::TrainKernels& k = *active().train;
-  bool ok;
-  {
-    nb::gil_scoped_release release;
-    ok = parallel_for((N + kPointwiseBand - 1) / kPointwiseBand, threads, [&](int band) {
-      return k.pointwise(x.data(), N, layers.data(), n, y.data(), band * kPointwiseBand,
-                         std::min(N, (band + 1) * kPointwiseBand));
-    });
-  }
-  if (!ok) throw std::bad_alloc();
+  for_bands(N, kPointwiseBand, threads, [&](int, int p0, int p1) {
+    return k.pointwise(x.data(), N, layers.data(), n, y.data(), p0, p1);
+  });
 }
 
 void pointwise_backward(const FloatArray& x, const std::vector<FloatArray>& weights,
                         const std::vector<FloatArray>& biases, const FloatArray& gy, OutArray gx, OutArray grads,
                         int threads) {
-  const std::vector<Layer> layers = pointwise_layers(weights, biases);
-  if (x.ndim() != 2) throw std::invalid_argument("pointwise: x must be [in, N]");
-  const int N = static_cast<int>(x.shape(1)), n = static_cast<int>(layers.size());
-  check_planes(x.ndim(), x.shape(0), x.shape(1), layers[0].cin, N, "x");
-  check_planes(gy.ndim(), gy.shape(0), gy.shape(1), layers[n - 1].cout, N, "gy");
-  check_planes(gx.ndim(), gx.shape(0), gx.shape(1), layers[0].cin, N, "gx");
+  int N;
+  const std::vector<Layer> layers = pointwise_layers(x, weights, biases, N);
+  const int n = static_cast<int>(layers.size());
+  check_shape(gy, {layers[n - 1].cout, N}, "pointwise: gy");
+  check_shape(gx, {layers[0].cin, N}, "pointwise: gx");
   size_t n_grads = 0;
   for (const Layer& L : layers) n_grads += static_cast<size_t>(L.cout) * (L.cin + 1);
-  if (grads.ndim() != 1 || grads.shape(0) != n_grads) throw std::invalid_argument("pointwise: wrong size of grads");
+  check_shape(grads, {static_cast<int>(n_grads)}, "pointwise: grads");
   const n2l::TrainKernels& k = *active().train;
-  const int n_bands = (N + kPointwiseBand - 1) / kPointwiseBand;
-  std::vector<float> partial(static_cast<size_t>(n_bands) * n_grads);
-  bool ok;
-  {
-    nb::gil_scoped_release release;
-    ok = parallel_for(n_bands, threads, [&](int band) {
-      return k.pointwise_backward(x.data(), gy.data(), N, layers.data(), n, gx.data(),
-                                  partial.data() + static_cast<size_t>(band) * n_grads, band * kPointwiseBand,
-                                  std::min(N, (band + 1) * kPointwiseBand));
-    });
-    for (size_t i = 0; i < n_grads; ++i) {  // bands summed in order: deterministic
-      double s = 0;
-      for (int band = 0; band < n_bands; ++band) s += partial[static_cast<size_t>(band) * n_grads + i];
-      grads.data()[i] = static_cast<float>(s);
-    }
-  }
-  if (!ok) throw std::bad_alloc();
+  std::vector<float> partial(static_cast<size_t>((N + kPointwiseBand - 1) / kPointwiseBand) * n_grads);
+  for_bands(N, kPointwiseBand, threads, [&](int band, int p0, int p1) {
+    return k.pointwise_backward(x.data(), gy.data(), N, layers.data(), n, gx.data(), partial.data() + band * n_grads,
+                                p0, p1);
+  });
+  sum_bands(partial, n_grads, 0, n_grads, grads.data());
 }
 
 }  // namespace

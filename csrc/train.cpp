@@ -23,6 +23,13 @@ namespace {
 
 inline int chunks(int n) { return (n + VL - 1) / VL; }
 
+// The lanes of v summed in order, in double.
+inline float lane_sum(vf v) {
+  double s = 0;
+  for (int l = 0; l < VL; ++l) s += v[l];
+  return static_cast<float>(s);
+}
+
 // row[clamp(i - 1)] for i in [0, W + 2) (one replicated column each side), zeros up to len.
 void padded_row(const float* row, int W, float* p, int len) {
   p[0] = row[0];
@@ -151,11 +158,7 @@ bool conv3x3_backward_rows(const float* x, const float* gy, int C, int H, int W,
       }
     }
   }
-  for (int i = 0; i < n_acc + O; ++i) {
-    double s = 0;
-    for (int l = 0; l < VL; ++l) s += acc[i][l];
-    (i < n_acc ? gw[i] : gb[i - n_acc]) = static_cast<float>(s);
-  }
+  for (int i = 0; i < n_acc + O; ++i) (i < n_acc ? gw[i] : gb[i - n_acc]) = lane_sum(acc[i]);
   free(mem);
   return true;
 }
@@ -335,11 +338,7 @@ bool pointwise_backward(const float* x, const float* gy, int N, const Layer* lay
     }
     store_chunk(g, layers[0].cin, N, p, gx);
   }
-  for (size_t i = 0; i < n_grads; ++i) {
-    double s = 0;
-    for (int l = 0; l < VL; ++l) s += acc[i][l];
-    grads[i] = static_cast<float>(s);
-  }
+  for (size_t i = 0; i < n_grads; ++i) grads[i] = lane_sum(acc[i]);
   free(act);
   return true;
 }
