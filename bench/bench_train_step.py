@@ -5,8 +5,8 @@
     python bench/bench_train_step.py --compare memory
 
 `--compare kernels` (default): the reference network, all in torch on torch's threads, against
-the encoder's: its 3x3 convolutions, upsampling and 1x1 stacks on the C++ core's training
-kernels with those threads, torch on one; both with freed memory retained.
+the encoder's: its 3x3 convolutions, upsampling, 1x1 stacks and rate proxy on the C++ core's
+training kernels with those threads, torch on one; both with freed memory retained.
 `--compare memory`: outside against inside n2l.memory.retain_freed_memory, both as the encoder.
 Each round times `--steps` steps of a hybrid-mode trainer per variant (after 20 warm-up steps
 each); rounds alternate so that drifts of a shared machine's speed hit both. Prints ms per
@@ -61,7 +61,8 @@ def main() -> None:
                 torch.set_num_threads(threads if reference else 1)
                 trainer = _Trainer(HYBRID_CONFIGS[q], 0, target, QUALITY_LAMBDAS[q], TrainingConfig(), threads)
                 if reference:
-                    trainer.model.__class__ = N2LModel  # the reference's torch layers
+                    trainer.model.__class__ = N2LModel  # the reference's torch layers and rate proxy
+                    trainer.rate.threads = None
                 if args.compare == "kernels" or second:
                     with retain_freed_memory():
                         times[second].append(ms_per_step(trainer, args.steps))

@@ -7,6 +7,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <math.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -343,6 +345,118 @@ void pointwise_backward(const FloatArray& x, const std::vector<FloatArray>& weig
   sum_bands(partial, n_grads, 0, n_grads, grads.data());
 }
 
+// The encoder's rate proxy (n2l.encoder.laplace_bits): bits of values x at unit bins under a
+// zero-mean Laplace per segment, of scale b = max(mean |x|, 1e-3) over the segment, the bits
+// of segment k weighted by weights[k]. Returns the total and fills grad with its gradient
+// (through b as well). Scalar code at baseline flags: the exp and log calls dominate, and
+// vectors would not change that. Float32 arithmetic like torch's, sums in double and in a
+// fixed order (bands of kRateBand values): the result does not depend on `threads`.
+constexpr int kRateBand = 4096;
+constexpr float kLn2 = 0.693147180559945f;
+
+struct RateSegment {
+  int begin = 0, end = 0;
+  float inv_b = 0, tail = 0, d_tail = 0;  // 1 / b; log(0.5) + log1p(-e^(-1/b)) and its derivative in b
+  bool scale_free = false;  // mean |x| >= 1e-3: b follows the values (else it is clamped)
+};
+
+// exp(max(a, -80)) like the reference (below -80 float32 denormals make exp slow); gradient
+// factor 0 where clamped.
+inline float clamped_exp(float a, float& slope) {
+  slope = a >= -80.0f ? 1.0f : 0.0f;
+  return expf(a >= -80.0f ? a : -80.0f);
+}
+
+// Bits of |x| = d under segment `seg`'s Laplace, and their derivatives in d and in b.
+inline float bin_bits(float d, const RateSegment& seg, float& dd, float& db) {
+  const float lo = d - 0.5f, inv = seg.inv_b;
+  if (lo >= 0.0f) {  // -log2 P = -(log 0.5 - lo / b + log1p(-e^(-1/b))) / ln 2
+    dd = inv / kLn2;
+    db = -(lo * inv * inv + seg.d_tail) / kLn2;
+    return -(seg.tail - lo * inv) / kLn2;
+  }
+  float s1, s2;  // P = 1 - (e^(-(d + 1/2)/b) + e^((d - 1/2)/b)) / 2
+  const float e1 = clamped_exp(-(d + 0.5f) * inv, s1), e2 = clamped_exp(lo * inv, s2);
+  const float p = 1.0f - 0.5f * (e1 + e2);
+  if (p < 1e-12f) {
+    dd = db = 0.0f;
+    return -logf(1e-12f) / kLn2;
+  }
+  const float g1 = s1 * e1, g2 = s2 * e2;
+  dd = -(0.5f * (g1 - g2) * inv) / (p * kLn2);
+  db = (0.5f * (g1 * (d + 0.5f) - g2 * lo) * inv * inv) / (p * kLn2);
+  return -logf(p) / kLn2;
+}
+
+float laplace_bits(const FloatArray& x, const nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>& offsets,
+                   const FloatArray& weights, OutArray grad, int threads) {
+  if (x.ndim() != 1 || weights.ndim() != 1 || offsets.shape(0) != weights.shape(0) + 1)
+    throw std::invalid_argument("laplace_bits: x [N], offsets [S + 1] and weights [S]");
+  const int N = static_cast<int>(x.shape(0)), S = static_cast<int>(weights.shape(0));
+  check_shape(grad, {N}, "laplace_bits: grad");
+  const int32_t* off = offsets.data();
+  if (off[0] != 0 || off[S] != N) throw std::invalid_argument("laplace_bits: offsets must run from 0 to N");
+  const float* v = x.data();
+  std::vector<RateSegment> segs(S);
+  std::vector<int> seg_of_band((N + kRateBand - 1) / kRateBand + 1, 0);
+  for (int k = 0; k < S; ++k) {
+    RateSegment& g = segs[k];
+    g.begin = off[k];
+    g.end = off[k + 1];
+    if (g.end < g.begin) throw std::invalid_argument("laplace_bits: offsets must not decrease");
+    if (g.end == g.begin) continue;
+    double sum = 0;
+    for (int i = g.begin; i < g.end; ++i) sum += fabsf(v[i]);
+    const float mean = static_cast<float>(sum) / static_cast<float>(g.end - g.begin);
+    g.scale_free = mean >= 1e-3f;
+    const float b = g.scale_free ? mean : 1e-3f;
+    g.inv_b = 1.0f / b;
+    float slope;
+    const float e = clamped_exp(-g.inv_b, slope);
+    g.tail = logf(0.5f) + log1pf(-e);
+    g.d_tail = -slope * e * g.inv_b * g.inv_b / (1.0f - e);
+    for (int band = (g.begin + kRateBand - 1) / kRateBand; band * kRateBand < g.end; ++band) seg_of_band[band] = k;
+  }
+  // Bands of values: bits and d bits / d b per segment into partial[band][2k, 2k+1], d bits / d|x| into grad.
+  const int n_bands = (N + kRateBand - 1) / kRateBand;
+  std::vector<double> partial(static_cast<size_t>(n_bands) * 2 * S, 0.0);
+  float* g = grad.data();
+  for_bands(N, kRateBand, threads, [&](int band, int p0, int p1) {
+    double* part = partial.data() + static_cast<size_t>(band) * 2 * S;
+    for (int k = seg_of_band[band], i = p0; i < p1; ++k) {
+      const RateSegment& seg = segs[k];
+      double bits = 0, db_sum = 0;
+      for (; i < std::min(p1, seg.end); ++i) {
+        float dd, db;
+        bits += bin_bits(fabsf(v[i]), seg, dd, db);
+        db_sum += db;
+        g[i] = dd;
+      }
+      part[2 * k] += bits;
+      part[2 * k + 1] += db_sum;
+    }
+    return true;
+  });
+  double total = 0;
+  std::vector<float> through_b(S, 0.0f);  // d bits / d b / n: what each value adds through its segment's scale
+  for (int k = 0; k < S; ++k) {
+    double bits = 0, db = 0;
+    for (int band = 0; band < n_bands; ++band) {
+      bits += partial[(static_cast<size_t>(band) * S + k) * 2];
+      db += partial[(static_cast<size_t>(band) * S + k) * 2 + 1];
+    }
+    total += static_cast<double>(weights.data()[k]) * bits;
+    if (segs[k].scale_free) through_b[k] = static_cast<float>(db / (segs[k].end - segs[k].begin));
+  }
+  for_bands(N, kRateBand, threads, [&](int band, int p0, int p1) {
+    for (int k = seg_of_band[band], i = p0; i < p1; ++k)
+      for (const float w = weights.data()[k]; i < std::min(p1, segs[k].end); ++i)
+        g[i] = v[i] > 0.0f ? w * (g[i] + through_b[k]) : (v[i] < 0.0f ? -w * (g[i] + through_b[k]) : 0.0f);
+    return true;
+  });
+  return static_cast<float>(total);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -375,6 +489,10 @@ NB_MODULE(_core, m) {
   m.def("pointwise_backward", &pointwise_backward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"),
         nb::arg("gy"), nb::arg("gx"), nb::arg("grads"), nb::arg("threads"),
         "Gradients of pointwise_forward: gx [in, N], and grads (every weight then bias, flat).");
+  m.def("laplace_bits", &laplace_bits, nb::arg("x"), nb::arg("offsets"), nb::arg("weights"), nb::arg("grad"),
+        nb::arg("threads"),
+        "Weighted sum over segments [offsets[k], offsets[k+1]) of x's Laplace bin bits (scale: the\n"
+        "segment's mean |x|, at least 1e-3); fills grad [N] with its gradient (training rate proxy).");
   m.def(
       "isa", [] { return std::string(active().name); }, "The instruction-set variant in use.");
   m.def(

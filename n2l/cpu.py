@@ -205,3 +205,30 @@ def pointwise(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], 
     (N2LModel.pointwise); at most POINTWISE_MAX_LAYERS layers of widths <= POINTWISE_MAX_WIDTH."""
     _require_core()
     return _Pointwise.apply(x, threads, *(w for w, _ in layers), *(b for _, b in layers))
+
+
+class _LaplaceBits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offsets: np.ndarray, weights: np.ndarray, threads: int) -> torch.Tensor:
+        x = x.detach().contiguous()
+        grad = torch.empty_like(x)
+        bits = _core.laplace_bits(x.numpy(), offsets, weights, grad.numpy(), threads)
+        ctx.save_for_backward(grad)
+        return x.new_tensor(bits)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return g * grad, None, None, None
+
+
+def laplace_bits(parts: list[torch.Tensor], weights: list[float], threads: int = 1) -> torch.Tensor:
+    """sum_k weights[k] * n2l.encoder.laplace_bits(parts[k]) in one pass over float32 CPU
+    tensors: each part under the zero-mean Laplace of scale its mean |value| (at least 1e-3),
+    differentiable through the values and the scales."""
+    _require_core()
+    offsets = np.cumsum([0, *(p.numel() for p in parts)], dtype=np.int64)
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"laplace_bits: {offsets[-1]} values exceed the core's int32 indices")
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    return _LaplaceBits.apply(flat, offsets.astype(np.int32), np.asarray(weights, np.float32), threads)

@@ -88,10 +88,10 @@ MODES = ("pure", "hybrid")
 # bench/RESULTS.md 7b); pure, the paper's latent-free design, stays one argument away.
 DEFAULT_MODE = "hybrid"
 # Training iterations per mode and quality. Hybrid mode keeps gaining with iterations
-# (bench/RESULTS.md 5, 7f, 7k, 7r); 24000 for levels 0-4 and 18000 for 5-8 (every scale coded:
-# slower steps) fit in the time 16000 and 12000 took before the C++ training kernels (7r),
-# inside 5 minutes per 256x256 crop on 2 CPU cores.
-DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (24000,) * 5 + (18000,) * 4}
+# (bench/RESULTS.md 5, 7f, 7k, 7r), levels 5-8 (every scale coded) the most; 24000 for levels
+# 0-4 and 22000 for 5-8 (slower steps) fit inside 5 minutes per 256x256 crop on 2 CPU cores
+# with the C++ training kernels and rate proxy (7r, 7s).
+DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (24000,) * 5 + (22000,) * 4}
 # Peak learning rate per mode and quality: hybrid levels 0-4 gain from a higher one at 16000
 # iterations (one crop each, RD cost against 1e-2: quality 3 -2.8% at 2e-2, -3.9% at 3e-2,
 # -3.0% at 4e-2; quality 0 -3.2% at 2e-2, -7.9% at 3e-2). Quality 6 did not (+0.4% at 2e-2).
@@ -202,9 +202,12 @@ def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
 
 class _RateProxy:
     """Differentiable rate of every coded tensor in units of its learned log2 step: Laplace bits
-    for the weights, checkerboard bits for the transmitted latents."""
+    for the weights, checkerboard bits for the transmitted latents. With `threads`, the bits are
+    summed by the C++ core (CPU, float32) on that many threads: the same function, in one pass
+    instead of some thirty torch operations (bench/RESULTS.md 7s)."""
 
-    def __init__(self, model: N2LModel, init_log2_step: float, coarse_latent_rate: float = 1.0):
+    def __init__(self, model: N2LModel, init_log2_step: float, coarse_latent_rate: float = 1.0,
+                 threads: int | None = None):
         # Weights start at a fine step; transmitted latents (hybrid mode) at step 1, like Cool-chic's.
         self.n_layer_tensors = 2 * len(model.config.layer_shapes())
         init = [init_log2_step] * self.n_layer_tensors + [0.0] * len(model.coded)
@@ -213,6 +216,7 @@ class _RateProxy:
         self.sizes_tensor = torch.tensor(self.sizes, device=self.log2_steps.device)
         self.layer_sizes = self.sizes[: self.n_layer_tensors]
         self.coarse_latent_rate = coarse_latent_rate
+        self.threads = threads if _on_core(self.log2_steps[None]) else None
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         steps = torch.exp2(self.log2_steps)
@@ -222,6 +226,11 @@ class _RateProxy:
         layers = torch.cat([p.flatten() for p in tensors[:n]])
         layers = layers / steps[:n].repeat_interleave(self.sizes_tensor[:n])
         coded = checkerboard_residuals(*(p[0] / steps[n + i] for i, p in enumerate(tensors[n:]))) if tensors[n:] else []
+        if self.threads is not None:
+            coarse = [self.coarse_latent_rate if len(coded) > 1 and i < len(coded) - 1 else 1.0
+                      for i, parts in enumerate(coded) for _ in parts]
+            parts = [*layers.split(self.layer_sizes), *(part for parts in coded for part in parts)]
+            return cpu.laplace_bits(parts, [1.0] * n + coarse, self.threads)
         if self.coarse_latent_rate == 1.0 or len(coded) < 2:
             return laplace_bits(*layers.split(self.layer_sizes), *(part for parts in coded for part in parts))
         coarse = laplace_bits(*(part for parts in coded[:-1] for part in parts))
@@ -305,9 +314,11 @@ class _Trainer:
             else:  # the initialization drew on the CPU: the device's stream starts at the seed
                 self.generator.manual_seed(seed)
         self.noise = self.model.noise(seed, target.shape[-2], target.shape[-1])
-        self.rate = _RateProxy(self.model, tc.init_log2_step, tc.coarse_latent_rate)
+        self.rate = _RateProxy(self.model, tc.init_log2_step, tc.coarse_latent_rate,
+                               threads if isinstance(self.model, _TrainingModel) else None)
         self.params = dict(self.model.named_parameters())
-        self.opt = torch.optim.Adam([*self.params.values(), self.rate.log2_steps], lr=tc.lr)
+        # fused: one kernel for all tensors (CPU and CUDA), several times faster than the loop over them
+        self.opt = torch.optim.Adam([*self.params.values(), self.rate.log2_steps], lr=tc.lr, fused=True)
         self.pixels = target.shape[-2] * target.shape[-1]
         self.loss = math.inf
 
@@ -895,7 +906,7 @@ def encode(
     quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
     `lmbda` overrides the lambda. `mode` is "pure" (the paper's design: every latent is
     generated from seeded noise) or "hybrid" (the coarse latent scales are transmitted, see
-    HYBRID_CONFIGS; with `preset`, all of them; 18000-24000 iterations by default instead of 2000).
+    HYBRID_CONFIGS; with `preset`, all of them; 22000-24000 iterations by default instead of 2000).
     `seeds` > 1 encodes that many candidates (noise seeds seed, seed+1, ...) side by side, each
     on its share of torch's threads (the cores), and keeps the stream of lowest MSE + lambda * bpp (under
     rate control: the best one that meets the target). `verbose` shows progress bars.

@@ -223,7 +223,7 @@ def _value_and_grads(f, inputs: list[torch.Tensor], seed: int) -> list[torch.Ten
 def _assert_rel_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     for g, w in zip(got, want):
         assert g.shape == w.shape
-        assert (g - w).abs().max() <= 1e-5 * max(1.0, w.abs().max().item())
+        assert not g.numel() or (g - w).abs().max() <= 1e-5 * max(1.0, w.abs().max().item())
 
 
 @pytest.mark.parametrize("c_in, c_out, height, width", [(3, 3, 64, 64), (8, 12, 33, 17), (3, 3, 1, 1),
@@ -280,11 +280,57 @@ def test_training_pointwise_matches_torch(widths, height, width, each_isa) -> No
         _assert_rel_close(_value_and_grads(_pointwise, inputs, 4), want)
 
 
+def _rate_parts(seed: int) -> list[torch.Tensor]:
+    """Parts like the rate proxy's: dense weights, sparse latents (many values near 0, the
+    Laplace's centre bin), an all-zero part, an empty one, one whose scale is clamped, and one
+    long enough to span several bands."""
+    gen = torch.Generator().manual_seed(seed)
+    sparse = torch.randn(5000, generator=gen).round() * (torch.rand(5000, generator=gen) < 0.2)
+    return [p.requires_grad_() for p in (
+        torch.randn(300, generator=gen) * 30, sparse + torch.rand(5000, generator=gen) - 0.5, torch.zeros(10),
+        torch.zeros(0), torch.randn(7, generator=gen) * 1e-5, torch.randn(9, generator=gen) * 0.2,
+        torch.randn(12000, generator=gen) * 2)]
+
+
+def _rate_reference(*parts: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    from n2l.encoder import laplace_bits
+
+    return sum(w * laplace_bits(p) if p.numel() else p.sum() for w, p in zip(weights, parts))
+
+
+def test_training_rate_proxy_matches_torch() -> None:
+    parts, weights = _rate_parts(7), [1.0, 0.4, 1.0, 1.0, 1.0, 2.0, 0.4]
+    want = _value_and_grads(functools.partial(_rate_reference, weights=weights), parts, 5)
+    got = _value_and_grads(lambda *ps: cpu.laplace_bits(list(ps), weights, 2), parts, 5)
+    assert abs(got[0].item() / want[0].item() - 1) < 1e-5
+    _assert_rel_close(got[1:], want[1:])
+
+
+@pytest.mark.parametrize("coarse_latent_rate", [1.0, 0.4])
+def test_training_rate_proxy_of_a_network_matches_torch(coarse_latent_rate: float) -> None:
+    from n2l.encoder import _RateProxy
+
+    cfg = ModelConfig(latent_channels=1, coded_scales=5, gpp_hidden=4, n_scales=6)
+    net = random_model(cfg, seed=3, height=37, width=45)
+    results = []
+    for threads in (None, 2):
+        rate = _RateProxy(net, -6.0, coarse_latent_rate, threads)
+        params = dict(net.named_parameters())
+        bits = rate.bits(params)
+        results.append([bits.detach(), *torch.autograd.grad(bits, [*params.values(), rate.log2_steps])])
+    assert abs(results[1][0].item() / results[0][0].item() - 1) < 1e-5
+    _assert_rel_close(results[1][1:], results[0][1:])
+
+
 def test_training_kernels_do_not_depend_on_the_thread_count() -> None:
     gen = torch.Generator().manual_seed(5)
     conv = [torch.randn(shape, generator=gen).requires_grad_() for shape in ((1, 3, 70, 50), (3, 3, 3, 3), (3,))]
     stack = _pointwise_inputs((7, 12, 3), 90, 101, 6)  # several bands of pixels
-    for f, inputs in ((cpu.conv3x3, conv), (_pointwise, stack)):
+
+    def rate(*parts: torch.Tensor, threads: int) -> torch.Tensor:
+        return cpu.laplace_bits(list(parts), [1.0, 0.4, 1.0, 1.0, 1.0, 1.0, 1.0], threads)
+
+    for f, inputs in ((cpu.conv3x3, conv), (_pointwise, stack), (rate, _rate_parts(8))):
         one, three = (_value_and_grads(functools.partial(f, threads=n), inputs, 3) for n in (1, 3))
         for a, b in zip(one, three):
             assert torch.equal(a, b)
@@ -323,3 +369,9 @@ def test_training_kernels_reject_bad_shapes() -> None:
     with pytest.raises(ValueError, match="pointwise"):
         _core.pointwise_forward(np.zeros((7, 10), np.float32), [np.zeros((65, 7), np.float32)],
                                 [np.zeros(65, np.float32)], np.zeros((65, 10), np.float32), 1)
+    values, grad = np.zeros(10, np.float32), np.zeros(10, np.float32)
+    for offsets in ((0, 4, 9), (0, 6, 3, 10), (1, 10)):
+        with pytest.raises(ValueError, match="laplace_bits"):
+            _core.laplace_bits(values, np.array(offsets, np.int32), np.ones(len(offsets) - 1, np.float32), grad, 1)
+    with pytest.raises(ValueError, match="laplace_bits"):
+        _core.laplace_bits(values, np.array((0, 10), np.int32), np.ones(1, np.float32), np.zeros(9, np.float32), 1)
