@@ -12,8 +12,9 @@ candidates run side by side on threads and the stream of lowest RD cost is kept)
    size (constriction), starting from the learned steps;
 3. quantization-aware phase: hard rounding with straight-through gradients at those steps
    (the rate proxy evaluated at those steps too) and a last local search;
-4. hybrid mode: rate-distortion optimized rounding of the transmitted latents, one value at a
-   time (`_Refinement`); then the bitstream is written.
+4. rate-distortion optimized rounding (`_polish`): of every weight, one at a time with exact
+   measurements, and in hybrid mode of the transmitted latents, by estimate (`_Refinement`)
+   and for the coarsest ones exactly, alternated; then the bitstream is written.
 
 Rate control (a size or PSNR target) sets lambda during the main phase from probes of the
 stream the quantization-aware phase would end with, steers it during that phase with the real
@@ -358,6 +359,13 @@ def _dequantize_like(q: np.ndarray, exponent: int, like: torch.Tensor) -> torch.
     return torch.from_numpy(dequantize(q, exponent)).view(like.shape).to(like.device)
 
 
+@torch.no_grad()
+def _output_mse(trainer: _Trainer, params: dict[str, torch.Tensor]) -> float:
+    """MSE (on [0, 1]) of the 8-bit image the decoder outputs for the network with `params`."""
+    out = functional_call(trainer.model, params, (trainer.noise,))
+    return float(F.mse_loss(torch.round(out.clamp(0, 1) * 255) / 255, trainer.target))
+
+
 class _Quantizer:
     """Evaluates MSE + lambda * bpp of the network quantized with given per-tensor exponents."""
 
@@ -391,9 +399,7 @@ class _Quantizer:
                 q, _, b = self.tensor(name, e)
                 params[name] = _dequantize_like(q, e, p)
                 bits += b
-            out = functional_call(self.t.model, params, (self.t.noise,))
-            pixels = torch.round(out.clamp(0, 1) * 255) / 255  # what the decoder outputs
-            self.measured[key] = float(F.mse_loss(pixels, self.t.target)), bits / self.t.pixels
+            self.measured[key] = _output_mse(self.t, params), bits / self.t.pixels
         return self.measured[key]
 
     def psnr(self, exponents: list[int]) -> float:
@@ -848,7 +854,10 @@ def _land(quantizer: _Quantizer, found: list[int] | None, beyond: list[int] | No
     return trimmed, exponents
 
 
-def _refine(quantizer: _Quantizer, exponents: list[int], keep=None, rounds: int = 8) -> _Quantizer:
+REFINE_ROUNDS = 16  # at most, of `_refine`; it stops at the first round that does not lower the cost
+
+
+def _refine(quantizer: _Quantizer, exponents: list[int], keep=None, rounds: int = REFINE_ROUNDS) -> _Quantizer:
     """RDOQ at the quantizer's lambda: apply the independent latent moves whose estimated
     MSE + lambda * bpp change is negative (or the better half of them) while that lowers the
     measured cost (and `keep`, if given, accepts the result), re-estimating each round."""
@@ -863,6 +872,95 @@ def _refine(quantizer: _Quantizer, exponents: list[int], keep=None, rounds: int 
             break
         best = better
     return best
+
+
+def _exact_moves(quantizer: _Quantizer, exponents: list[int], visits, keep=None) -> _Quantizer:
+    """Greedy RDOQ with exact measurements: for each (tensor name, flat index) of `visits` in
+    turn, the integer moves one step down or up if that lowers the measured MSE of the 8-bit
+    output + lambda * the tensor's coded bits (its code held fixed); each try costs one forward
+    pass. The result, its codes fitted again, is kept if its real cost is lower (and `keep`
+    accepts it)."""
+    t = quantizer.t
+    step = dict(zip(quantizer.float_params, exponents))
+    params = {name: _dequantize_like(quantizer.tensor(name, e)[0], e, p)
+              for (name, p), e in zip(quantizer.float_params.items(), exponents)}
+    per_bit = quantizer.lmbda / t.pixels
+    mse = quantizer.measure(exponents)[0]
+    ints, bits, changed = {}, {}, set()
+    for name, i in visits:
+        e, (q, code, b) = step[name], quantizer.tensor(name, step[name])
+        q = ints.setdefault(name, q.copy())  # its integers as moved so far
+        flat, v, best = q.reshape(-1), int(q.flat[i]), None
+        for moved in (v - 1, v + 1):
+            if abs(moved) > code.max_abs:
+                continue
+            flat[i] = moved
+            trial = {**params, name: _dequantize_like(q, e, params[name])}
+            trial_mse, trial_bits = _output_mse(t, trial), tensor_bits(q, code)
+            gain = trial_mse - mse + per_bit * (trial_bits - bits.get(name, b))
+            if gain < 0 and (best is None or gain < best[0]):
+                best = (gain, moved, trial_mse, trial_bits, trial)
+        flat[i] = v if best is None else best[1]
+        if best is not None:
+            _, _, mse, bits[name], params = best
+            changed.add(name)
+    if not changed:
+        return quantizer
+    refined = _Quantizer(t, {**quantizer.float_params, **{name: params[name] for name in changed}}, quantizer.depths)
+    refined.lmbda = quantizer.lmbda
+    refined.cache = {key: entry for key, entry in quantizer.cache.items() if key[0] not in changed}
+    better = refined.cost(exponents) < quantizer.cost(exponents) and (keep is None or keep(refined))
+    return refined if better else quantizer
+
+
+def _refine_weights(quantizer: _Quantizer, exponents: list[int], keep=None, passes: int = 2,
+                    budget: int = 2000) -> _Quantizer:
+    """Per-weight RDOQ (`_exact_moves` on the layer tensors): rounding to nearest is not what
+    minimizes the output's error (AdaRound's observation). Each pass visits the weights in
+    order of their gradient's size, at most `budget` visits in all."""
+    t = quantizer.t
+    names = list(quantizer.float_params)[: 2 * len(t.model.config.layer_shapes())]
+    for _ in range(passes):
+        if budget <= 0:
+            break
+        point = {name: _dequantize_like(quantizer.tensor(name, e)[0], e, p).requires_grad_(name in names)
+                 for (name, p), e in zip(quantizer.float_params.items(), exponents)}
+        out = functional_call(t.model, point, (t.noise,))
+        grads = torch.autograd.grad(F.mse_loss(out.clamp(0, 1), t.target), [point[name] for name in names])
+        where = [(name, i) for name, g in zip(names, grads) for i in range(g.numel())]
+        order = np.argsort(-torch.cat([g.flatten() for g in grads]).abs().cpu().numpy(), kind="stable")[:budget]
+        budget -= len(order)
+        refined = _exact_moves(quantizer, exponents, [where[k] for k in order], keep)
+        if refined is quantizer:
+            break
+        quantizer = refined
+    return quantizer
+
+
+def _refine_coarse_latents(quantizer: _Quantizer, exponents: list[int], keep=None, budget: int = 3000) -> _Quantizer:
+    """RDOQ of the coarsest transmitted latents, value by value with exact measurements
+    (`_exact_moves`), as many latents, coarsest first, as fit in `budget` values: each of their
+    values reaches far in the image, where `_refine`'s second-order estimate is poorest."""
+    visits = []
+    for name in [n for n in quantizer.float_params if n.startswith("coded.")]:
+        size = quantizer.float_params[name].numel()
+        if len(visits) + size > budget:
+            break
+        visits += [(name, i) for i in range(size)]
+    return _exact_moves(quantizer, exponents, visits, keep) if visits else quantizer
+
+
+def _polish(quantizer: _Quantizer, exponents: list[int], keep=None, rounds_done: int = 0) -> _Quantizer:
+    """RD refinement of the quantized network at its final steps: the latents by estimate
+    (`_refine`), every weight, the coarse latents exactly, then the latents and weights again
+    (moves of one kind open moves of the others: bench/RESULTS.md 7s). `rounds_done`: rounds of
+    the first `_refine` the network has had already (bench/refine_streams.py)."""
+    if quantizer.t.model.config.coded_scales:
+        quantizer = _refine(quantizer, exponents, keep, REFINE_ROUNDS - rounds_done)
+        quantizer = _refine_weights(quantizer, exponents, keep)
+        quantizer = _refine_coarse_latents(quantizer, exponents, keep)
+        quantizer = _refine(quantizer, exponents, keep)
+    return _refine_weights(quantizer, exponents, keep)
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
@@ -1014,9 +1112,8 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
     quantizer = _Quantizer(trainer)
     if control is None:
         exponents = quantizer.search(exponents, passes=1, reach=1)
-        if cfg.coded_scales:
-            bar.set_description(f"{name} refine")
-            quantizer = _refine(quantizer, exponents)
+        bar.set_description(f"{name} refine")
+        quantizer = _polish(quantizer, exponents)
     else:
         # Missing the band means the last steps of training moved the size: fine-tune a little
         # longer under control (a warm start, not a new encode) and search again.
@@ -1035,8 +1132,8 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
             raise ValueError(f"target size {target_bytes} bytes is below the smallest stream this network can code")
         in_band = functools.partial(_in_band, exponents=found, header=header, target_bytes=target_bytes,
                                     target_psnr=target_psnr)
-        if cfg.coded_scales and in_band(quantizer):  # RD refinement that stays in the band
-            quantizer = _refine(quantizer, found, keep=in_band)
+        if in_band(quantizer):  # RD refinement that stays in the band
+            quantizer = _polish(quantizer, found, keep=in_band)
         reached = quantizer.psnr(found)
         if target_psnr is not None and reached < target_psnr:
             warnings.warn(f"target PSNR {target_psnr} dB not reached (best {reached:.2f} dB): "

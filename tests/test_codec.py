@@ -262,6 +262,32 @@ def test_refinement_lowers_the_rd_cost(hybrid_quantizer):
     assert _refine(quantizer, exponents, keep=lambda q: False) is quantizer  # rate control's band
 
 
+def test_weight_refinement_lowers_the_rd_cost_and_writes_its_integers(crop64, hybrid_quantizer):
+    """Per-weight RDOQ: some weight integers move, the real cost goes down, and the stream
+    decodes to the MSE the refinement measured; nothing `keep` refuses is kept."""
+    from n2l.encoder import _bitstream, _refine_weights
+    quantizer, exponents, header = hybrid_quantizer
+    refined = _refine_weights(quantizer, exponents)
+    assert refined.cost(exponents) < quantizer.cost(exponents)
+    moved = [name for name, e in zip(quantizer.float_params, exponents) if not name.startswith("coded.")
+             and (refined.tensor(name, e)[0] != quantizer.tensor(name, e)[0]).any()]
+    assert moved
+    decoded = n2l.decode(_bitstream(refined, exponents, *header), device="cpu", backend="torch")
+    mse = np.mean((decoded.astype(np.float64) - crop64) ** 2) / 255**2
+    assert mse == pytest.approx(refined.measure(exponents)[0], rel=1e-4)
+    assert _refine_weights(quantizer, exponents, keep=lambda q: False) is quantizer
+
+
+def test_polish_alternates_refinements_for_a_lower_cost(hybrid_quantizer):
+    """The exact refinement of the coarse latents lowers the cost on its own; the whole polish
+    (latents by estimate, weights, coarse latents, again) ends below the latent refinement alone."""
+    from n2l.encoder import _polish, _refine, _refine_coarse_latents
+    quantizer, exponents, _ = hybrid_quantizer
+    assert _refine_coarse_latents(quantizer, exponents).cost(exponents) < quantizer.cost(exponents)
+    assert _refine_coarse_latents(quantizer, exponents, keep=lambda q: False) is quantizer
+    assert _polish(quantizer, exponents).cost(exponents) < _refine(quantizer, exponents).cost(exponents)
+
+
 def test_psnr_targets_start_at_a_level_that_reaches_them():
     """A hybrid network that generates its full-resolution latent saturates in PSNR, so a
     target above its level's typical PSNR must start at a level that transmits that latent."""
