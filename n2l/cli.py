@@ -120,7 +120,7 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
                         "pure: every latent generated from seeded noise (the paper's design)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="architecture (decode cost)")
     p.add_argument("--iterations", "-n", type=int, default=None,
-                   help="training iterations (default 2000 pure; hybrid 24000, 22000 from quality 5)")
+                   help="training iterations (default 2000 pure; hybrid 24000, 18000 from quality 5)")
     p.add_argument("--seeds", type=int, default=1,
                    help="whole encodes with this many noise seeds side by side on the CPU threads, keeping "
                         "the lowest RD cost (2: 1.24x the time on 2 cores, bench/RESULTS.md 7q)")

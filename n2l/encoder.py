@@ -88,11 +88,10 @@ MODES = ("pure", "hybrid")
 # Hybrid is the default: about a third of the pure mode's bits at equal PSNR (BD-rate -68%,
 # bench/RESULTS.md 7b); pure, the paper's latent-free design, stays one argument away.
 DEFAULT_MODE = "hybrid"
-# Training iterations per mode and quality. Hybrid mode keeps gaining with iterations
-# (bench/RESULTS.md 5, 7f, 7k, 7r), levels 5-8 (every scale coded) the most; 24000 for levels
-# 0-4 and 22000 for 5-8 (slower steps) fit inside 5 minutes per 256x256 crop on 2 CPU cores
-# with the C++ training kernels and rate proxy (7r, 7s).
-DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (24000,) * 5 + (22000,) * 4}
+# Training iterations per mode and quality. Hybrid mode gained with iterations up to these
+# (bench/RESULTS.md 5, 7f, 7k, 7r): 24000 for levels 0-4 and 18000 for 5-8 (slower steps), inside
+# 5 minutes per 256x256 crop on 2 CPU cores. 22000 at levels 5-8 did not pay (7s).
+DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (24000,) * 5 + (18000,) * 4}
 # Peak learning rate per mode and quality: hybrid levels 0-4 gain from a higher one at 16000
 # iterations (one crop each, RD cost against 1e-2: quality 3 -2.8% at 2e-2, -3.9% at 3e-2,
 # -3.0% at 4e-2; quality 0 -3.2% at 2e-2, -7.9% at 3e-2). Quality 6 did not (+0.4% at 2e-2).
@@ -950,17 +949,24 @@ def _refine_coarse_latents(quantizer: _Quantizer, exponents: list[int], keep=Non
     return _exact_moves(quantizer, exponents, visits, keep) if visits else quantizer
 
 
+POLISH_CYCLES = 2  # a second cycle still lowers J by 0.1-1.7% (bench/RESULTS.md 7s)
+
+
 def _polish(quantizer: _Quantizer, exponents: list[int], keep=None, rounds_done: int = 0) -> _Quantizer:
-    """RD refinement of the quantized network at its final steps: the latents by estimate
-    (`_refine`), every weight, the coarse latents exactly, then the latents and weights again
-    (moves of one kind open moves of the others: bench/RESULTS.md 7s). `rounds_done`: rounds of
-    the first `_refine` the network has had already (bench/refine_streams.py)."""
-    if quantizer.t.model.config.coded_scales:
-        quantizer = _refine(quantizer, exponents, keep, REFINE_ROUNDS - rounds_done)
+    """RD refinement of the quantized network at its final steps, in POLISH_CYCLES cycles of:
+    the latents by estimate (`_refine`), every weight, the coarse latents exactly, the latents
+    and the weights again. Moves of one kind open moves of the others (bench/RESULTS.md 7s).
+    `rounds_done`: rounds of the first `_refine` the network has had already
+    (bench/refine_streams.py)."""
+    for _ in range(POLISH_CYCLES):
+        if quantizer.t.model.config.coded_scales:
+            quantizer = _refine(quantizer, exponents, keep, REFINE_ROUNDS - rounds_done)
+            quantizer = _refine_weights(quantizer, exponents, keep)
+            quantizer = _refine_coarse_latents(quantizer, exponents, keep)
+            quantizer = _refine(quantizer, exponents, keep)
         quantizer = _refine_weights(quantizer, exponents, keep)
-        quantizer = _refine_coarse_latents(quantizer, exponents, keep)
-        quantizer = _refine(quantizer, exponents, keep)
-    return _refine_weights(quantizer, exponents, keep)
+        rounds_done = 0
+    return quantizer
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
@@ -1004,7 +1010,7 @@ def encode(
     quality (0..8) picks lambda and, unless `preset` or `config` is given, the architecture;
     `lmbda` overrides the lambda. `mode` is "pure" (the paper's design: every latent is
     generated from seeded noise) or "hybrid" (the coarse latent scales are transmitted, see
-    HYBRID_CONFIGS; with `preset`, all of them; 22000-24000 iterations by default instead of 2000).
+    HYBRID_CONFIGS; with `preset`, all of them; 18000-24000 iterations by default instead of 2000).
     `seeds` > 1 encodes that many candidates (noise seeds seed, seed+1, ...) side by side, each
     on its share of torch's threads (the cores), and keeps the stream of lowest MSE + lambda * bpp (under
     rate control: the best one that meets the target). `verbose` shows progress bars.
