@@ -37,7 +37,7 @@ ROUNDS_DONE = 8  # of latent refinement (`_refine`) in the encoder before the RD
 
 
 def refine(buf: bytes, crop, lmbda: float, threads: int) -> bytes:
-    """The stream after per-weight RDOQ at `lmbda`, the C++ core on `threads` threads."""
+    """The stream after the RD polish at `lmbda`, the C++ core on `threads` threads."""
     header, payload = bitstream.read(buf)
     cfg, exponents = header.config, [code.exponent for code in header.codes]
     ints = decode_tensors(payload, list(header.codes), bitstream.tensor_shapes(cfg, header.height, header.width))
