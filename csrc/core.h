@@ -33,6 +33,7 @@ struct Net {
   Layer res[kMaxResidual];
   float* ys[kMaxScales] = {};  // ys[0] unused: scale 0 is streamed into the synthesis
   const float* y0_coded = nullptr;  // scale 0's transmitted latent [C, H, W] when it is coded
+  bool bicubic = false;  // the synthesis upsamples the latents with the bicubic kernel (else bilinear)
 };
 
 // The encoder's training kernels of one variant (train.cpp), each false if out of memory. A

@@ -8,6 +8,7 @@
 // extensions, which lower to SSE2, AVX2 or AVX-512 depending on the variant's flags.
 //
 // No standard-library templates here (see core.h): only C functions and our own code.
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -335,11 +336,62 @@ struct GppOutput final : RowSource {
   }
 };
 
+// Bicubic taps of one axis (FORMAT.md "Upsampling"): output i reads lo-1 .. lo+2 (clamped)
+// with the cubic convolution weights of its fraction, computed in double and rounded, as the
+// reference builds them.
+struct CubicTaps {
+  int* i[4] = {};
+  float* a[4] = {};
+};
+void cubic_weights(double t, double* wt) {
+  const double A = -0.75;
+  auto near = [A](double d) { return ((A + 2) * d - (A + 3)) * d * d + 1; };
+  auto far = [A](double d) { return ((A * d - 5 * A) * d + 8 * A) * d - 4 * A; };
+  wt[0] = far(t + 1);
+  wt[1] = near(t);
+  wt[2] = near(1 - t);
+  wt[3] = far(2 - t);
+}
+int cubic_tap(int r, int factor, double* wt) {  // the first tap's index; wt[4] its weights
+  const double src = (r + 0.5) / factor - 0.5;
+  const double lo = std::floor(src);
+  cubic_weights(src - lo, wt);
+  return static_cast<int>(lo) - 1;
+}
+void make_cubic_taps(CubicTaps& t, int n_in, int n_out, int factor, int n_alloc) {
+  for (int i = 0; i < n_alloc; ++i) {
+    double wt[4];
+    const int first = cubic_tap(imin(i, n_out - 1), factor, wt);  // chunk tails repeat the last
+    for (int k = 0; k < 4; ++k) {
+      t.i[k][i] = clampi(first + k, 0, n_in - 1);
+      t.a[k][i] = static_cast<float>(wt[k]);
+    }
+  }
+}
+void cubic_vertical_row(const float* y, int C, int h, int w, int factor, int r, float* dst) {
+  double wt[4];
+  const int first = cubic_tap(r, factor, wt);
+  for (int c = 0; c < C; ++c) {
+    const float* rows[4];
+    for (int k = 0; k < 4; ++k) rows[k] = y + (static_cast<size_t>(c) * h + clampi(first + k, 0, h - 1)) * w;
+    const float a0 = static_cast<float>(wt[0]), a1 = static_cast<float>(wt[1]);
+    const float a2 = static_cast<float>(wt[2]), a3 = static_cast<float>(wt[3]);
+    float* d = dst + static_cast<size_t>(c) * w;
+    for (int x = 0; x < w; ++x) d[x] = rows[0][x] * a0 + rows[1][x] * a1 + rows[2][x] * a2 + rows[3][x] * a3;
+  }
+}
+inline void cubic_horizontal(const float* __restrict v, const CubicTaps& t, int x0, int n, float* __restrict dst) {
+  for (int p = x0; p < x0 + n; ++p)
+    dst[p - x0] = v[t.i[0][p]] * t.a[0][p] + v[t.i[1][p]] * t.a[1][p] + v[t.i[2][p]] * t.a[2][p] +
+                  v[t.i[3][p]] * t.a[3][p];
+}
+
 // The 1x1 synthesis chain on concat_s(up(y_s, 2^s)), scale 0 streamed from a GppOutput.
 struct Synth final : RowSource {
   const Net* net = nullptr;
   GppOutput* y0 = nullptr;
   Taps tx[kMaxScales];
+  CubicTaps cx[kMaxScales];  // instead of tx when net.bicubic
   float* vrow[kMaxScales] = {};
   float* feat = nullptr;  // [(M-1) C][P]: upsampled coarse latents of the chunk
   float* buf[2] = {};     // [maxw][P] ping-pong hidden activations
@@ -352,10 +404,19 @@ struct Synth final : RowSource {
     RowSource::init(arena, n.Cout, n.W);
     const int alloc = n.W + P;
     for (int s = 1; s < n.M; ++s) {
+      vrow[s] = arena.take<float>(static_cast<size_t>(n.C) * n.ws[s] + 16);
+      if (n.bicubic) {
+        for (int k = 0; k < 4; ++k) {
+          cx[s].i[k] = arena.take<int>(alloc);
+          cx[s].a[k] = arena.take<float>(alloc);
+        }
+        if (!arena.ok) return false;
+        make_cubic_taps(cx[s], n.ws[s], n.W, 1 << s, alloc);
+        continue;
+      }
       tx[s].i0 = arena.take<int>(alloc);
       tx[s].i1 = arena.take<int>(alloc);
       tx[s].a = arena.take<float>(alloc);
-      vrow[s] = arena.take<float>(static_cast<size_t>(n.C) * n.ws[s] + 16);
       if (!arena.ok) return false;
       make_taps(tx[s], n.ws[s], n.W, 1 << s, alloc);
     }
@@ -373,13 +434,17 @@ struct Synth final : RowSource {
     const Net& n = *net;
     const int C = n.C;
     const float* yr = y0->row(r);
-    for (int s = 1; s < n.M; ++s) vertical_row(n.ys[s], C, n.hs[s], n.ws[s], 1 << s, r, vrow[s]);
+    for (int s = 1; s < n.M; ++s)
+      (n.bicubic ? cubic_vertical_row : vertical_row)(n.ys[s], C, n.hs[s], n.ws[s], 1 << s, r, vrow[s]);
     for (int x0 = 0; x0 < w; x0 += P) {
       for (int c = 0; c < C; ++c) rows[c] = yr + static_cast<size_t>(c) * y0->stride + 1 + x0;
       for (int s = 1; s < n.M; ++s)
         for (int c = 0; c < C; ++c) {
           float* f = feat + ((s - 1) * C + c) * P;
-          horizontal(vrow[s] + static_cast<size_t>(c) * n.ws[s], tx[s], x0, P, f);
+          if (n.bicubic)
+            cubic_horizontal(vrow[s] + static_cast<size_t>(c) * n.ws[s], cx[s], x0, P, f);
+          else
+            horizontal(vrow[s] + static_cast<size_t>(c) * n.ws[s], tx[s], x0, P, f);
           rows[s * C + c] = f;
         }
       for (int i = 0; i < n.n_synth; ++i) {

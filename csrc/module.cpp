@@ -89,7 +89,7 @@ Layer to_layer(const FloatArray& w, const FloatArray& b, int cin, int cout, int 
 }
 
 void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, int gpp_kernel_min_scale,
-            const std::vector<int>& synth_hidden, int n_res, int Cout, const std::vector<FloatArray>& weights,
+            const std::vector<int>& synth_hidden, int n_res, int Cout, bool bicubic, const std::vector<FloatArray>& weights,
             const std::vector<FloatArray>& biases, const std::vector<FloatArray>& coded,
             nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu> out, int threads) {
   if (H < 1 || W < 1) throw std::invalid_argument("height and width must be >= 1");
@@ -117,6 +117,7 @@ void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, in
   net.Cout = Cout;
   net.n_synth = static_cast<int>(synth_hidden.size()) + 1;
   net.n_res = n_res;
+  net.bicubic = bicubic;
   size_t li = 0;
   for (int s = M - 1; s >= 0; --s) {  // bitstream order, ModelConfig.layer_shapes()
     net.hs[s] = static_cast<int>((static_cast<int64_t>(H) + (1 << s) - 1) >> s);
@@ -463,7 +464,7 @@ NB_MODULE(_core, m) {
   m.doc() = "n2l C++ CPU core: decoder and training kernels (see n2l/cpu.py for the Python API)";
   m.def("decode", &decode, nb::arg("seed"), nb::arg("height"), nb::arg("width"), nb::arg("n_scales"),
         nb::arg("latent_channels"), nb::arg("gpp_hidden"), nb::arg("gpp_kernel"), nb::arg("gpp_kernel_min_scale"),
-        nb::arg("synth_hidden"), nb::arg("synth_residual"), nb::arg("out_channels"), nb::arg("weights"),
+        nb::arg("synth_hidden"), nb::arg("synth_residual"), nb::arg("out_channels"), nb::arg("bicubic"), nb::arg("weights"),
         nb::arg("biases"), nb::arg("coded"), nb::arg("out"), nb::arg("threads"),
         "Decode into out ([H, W, out_channels] uint8); weights and biases in bitstream order, coded\n"
         "latents ([C, h_s, w_s] float32) of the transmitted scales, coarsest first.");

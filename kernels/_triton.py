@@ -97,6 +97,39 @@ def _bilinear(ptr, iy0, iy1, ay, ix0, ix1, ax, row):
 
 
 @triton.jit
+def _cubic_taps(i, n_in, INV_FACTOR: tl.constexpr):
+    """Bicubic taps along one axis (docs/FORMAT.md): the first of 4 consecutive (unclamped)
+    indices and the 4 cubic convolution weights (a = -0.75) of the fraction t."""
+    src = (i.to(tl.float32) + 0.5) * INV_FACTOR - 0.5  # exact for power-of-two factors
+    lo = tl.floor(src)
+    t = src - lo
+    a: tl.constexpr = -0.75
+    u = t + 1.0
+    v = 1.0 - t
+    w = 2.0 - t
+    w0 = ((a * u - 5.0 * a) * u + 8.0 * a) * u - 4.0 * a
+    w1 = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
+    w2 = ((a + 2.0) * v - (a + 3.0)) * v * v + 1.0
+    w3 = ((a * w - 5.0 * a) * w + 8.0 * a) * w - 4.0 * a
+    return lo.to(tl.int32) - 1, w0, w1, w2, w3
+
+
+@triton.jit
+def _bicubic(ptr, iy, ay0, ay1, ay2, ay3, ix, ax0, ax1, ax2, ax3, h, w):
+    """One channel of a planar [h, w] map at the given bicubic taps (edges repeated)."""
+    out = tl.zeros(ay0.shape, tl.float32)
+    for ky in tl.static_range(4):
+        wy = ay0 if ky == 0 else (ay1 if ky == 1 else (ay2 if ky == 2 else ay3))
+        row = tl.minimum(tl.maximum(iy + ky, 0), h - 1) * w
+        acc = tl.zeros(ay0.shape, tl.float32)
+        for kx in tl.static_range(4):
+            wx = ax0 if kx == 0 else (ax1 if kx == 1 else (ax2 if kx == 2 else ax3))
+            acc += wx * tl.load(ptr + row + tl.minimum(tl.maximum(ix + kx, 0), w - 1))
+        out += wy * acc
+    return out
+
+
+@triton.jit
 def _dense(x, w_ptr, b_ptr, KIN: tl.constexpr, KOUT: tl.constexpr):
     """W [KOUT, KIN] @ x [KIN, P] + b, exact fp32 (KIN >= 16 on NVIDIA)."""
     rows = tl.arange(0, KOUT)
@@ -219,6 +252,7 @@ def _synth_kernel(
     TH: tl.constexpr,
     TW: tl.constexpr,
     OUT_FLOAT: tl.constexpr,
+    BICUBIC: tl.constexpr,
 ):
     """Upsampling + whole synthesis for a (TH - 2R) x (TW - 2R) tile of output pixels."""
     P: tl.constexpr = TH * TW
@@ -247,6 +281,12 @@ def _synth_kernel(
             for c in tl.static_range(C):
                 v = tl.load(lat_ptr + c * hs * ws + cy * ws + cx)
                 acc += tl.load(wf_ptr + c * D1 + cols)[:, None] * v[None, :]
+        elif BICUBIC:
+            iy, ay0, ay1, ay2, ay3 = _cubic_taps(cy, hs, 1.0 / (1 << s))
+            ix, ax0, ax1, ax2, ax3 = _cubic_taps(cx, ws, 1.0 / (1 << s))
+            for c in tl.static_range(C):
+                v = _bicubic(lat_ptr + base + c * hs * ws, iy, ay0, ay1, ay2, ay3, ix, ax0, ax1, ax2, ax3, hs, ws)
+                acc += tl.load(wf_ptr + (s * C + c) * D1 + cols)[:, None] * v[None, :]
         else:
             iy0, iy1, ay = _axis_taps(cy, hs, 1.0 / (1 << s))
             ix0, ix1, ax = _axis_taps(cx, ws, 1.0 / (1 << s))
@@ -537,7 +577,8 @@ def _synthesize(
     _synth_kernel[grid](
         lat, packed.wf, packed.bf, packed.wd, packed.bd, packed.wr, packed.br, out, height, width,
         M=cfg.n_scales, C=cfg.latent_channels, WIDTHS=packed.widths, CO=co, R=r,
-        TH=tiles.synth_th, TW=tiles.synth_tw, OUT_FLOAT=out_float, num_warps=tiles.synth_warps,
+        TH=tiles.synth_th, TW=tiles.synth_tw, OUT_FLOAT=out_float, BICUBIC=cfg.synth_upsampling == "bicubic",
+        num_warps=tiles.synth_warps,
     )  # fmt: skip
     return out
 

@@ -1,11 +1,12 @@
 """The n2l bitstream: header, seed, per-tensor coding parameters, coded weights, CRC32.
 
-Version 6 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
+Version 7 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
 significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k), zero-padded to a byte:
 
     u15 width-1 | u15 height-1 | u1 rgb | eg0 n_scales-1 | eg0 latent_channels-1
     | eg0 gpp_hidden-1 | u1 gpp_kernel==3 | eg0 gpp_kernel_min_scale | eg0 synth_residual
-    | eg0 n_synth_hidden | u8 synth_hidden-1 each | eg0 coded_scales | eg0 seed
+    | eg0 n_synth_hidden | u8 synth_hidden-1 each | eg0 coded_scales | u1 bicubic synthesis
+      upsampling | eg0 seed
     | per layer tensor: u5 exponent, eg2 max_abs, u8 scale_code+64 (if max_abs)
     | per coded latent: u5 exponent, eg1 max_abs, and unless max_abs is 0: u2 depth-1, u8
       scale_code+64 of the first pass, then for each of the 2 x depth others: u8 scale_code+64,
@@ -14,7 +15,7 @@ significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k), zero-pad
 then the payload (the rest, a multiple of 4 bytes) | crc32 u32 (of every byte before it).
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Older streams are still read: version 5 has no depth field (depth 1), version 4 has
+first. Older streams are still read: version 6 has no upsampling bit (bilinear), version 5 has no depth field (depth 1), version 4 has
 version 5's fields byte-aligned (u8, i8 and LEB128 varints, with an explicit payload length);
 version 3 codes latents in two checkerboard passes (fields per latent: exponent u8, scale_code
 i8, max_abs varint, pred_scale_code i8, alpha u8), version 2 has fixed-width fields where
@@ -45,8 +46,8 @@ from .weights import (
 )
 
 MAGIC = b"N2L"
-VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
@@ -54,7 +55,7 @@ _FIXED_V1 = struct.Struct("<3sBHHB7B")  # magic .. n_synth_hidden
 _FIXED = struct.Struct("<3sBHHB8B")  # magic .. coded_scales
 _U8, _I8, _U16, _U32 = (struct.Struct(f) for f in ("<B", "<b", "<H", "<I"))
 MAX_VARINT_BYTES = 5  # enough for any u32
-_SCALE_CODE_MIN = SCALE_CODE_RANGE[0]  # versions 5-6 store scale codes as u8 offsets from it
+_SCALE_CODE_MIN = SCALE_CODE_RANGE[0]  # versions 5-7 store scale codes as u8 offsets from it
 _MAX_EG_ZEROS = 32  # longest Exp-Golomb prefix of a valid field (any u32 needs fewer)
 
 
@@ -102,7 +103,7 @@ def tensor_shapes(config: ModelConfig, height: int, width: int) -> list[tuple[in
 
 
 class _BitWriter:
-    """Bits, most significant first (the header of versions 5-6)."""
+    """Bits, most significant first (the header of versions 5-7)."""
 
     def __init__(self) -> None:
         self.value, self.n = 0, 0
@@ -142,6 +143,7 @@ def write(header: Header, payload: bytes) -> bytes:
     for width in cfg.synth_hidden:
         w.u(8, width - 1)
     w.eg(0, cfg.coded_scales)
+    w.u(1, cfg.synth_upsampling == "bicubic")
     w.eg(0, header.seed)
     for code in header.codes:
         w.u(5, code.exponent)
@@ -233,7 +235,7 @@ def _check(ok: bool, message: str) -> None:
         raise FormatError(message)
 
 
-def _config(width: int, height: int, channels: int, synth_hidden: tuple[int, ...], **fields: int) -> ModelConfig:
+def _config(width: int, height: int, channels: int, synth_hidden: tuple[int, ...], **fields: int | str) -> ModelConfig:
     """The architecture from header fields, validated (sizes before anything is allocated)."""
     _check(1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE,
            f"image size {width}x{height} out of range (1..{MAX_SIDE} per side)")
@@ -293,7 +295,7 @@ def _read_byte_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, 
 
 
 def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, int, list]:
-    """Versions 5-6: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
+    """Versions 5-7: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
     b = _BitReader(r.buf[: max(r.pos, len(r.buf) - 4)], r.pos)  # the header ends before the CRC
     width, height = b.u(15, "width") + 1, b.u(15, "height") + 1
     channels = 3 if b.u(1, "channels") else 1
@@ -304,7 +306,10 @@ def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, i
     )
     n_hidden = b.eg(0, "number of synthesis hidden layers", 8)
     synth_hidden = tuple(b.u(8, "synthesis width") + 1 for _ in range(n_hidden))
-    config = _config(width, height, channels, synth_hidden, coded_scales=b.eg(0, "coded_scales", 255), **fields)
+    fields["coded_scales"] = b.eg(0, "coded_scales", 255)
+    if version >= 7:
+        fields["synth_upsampling"] = "bicubic" if b.u(1, "synthesis upsampling") else "bilinear"
+    config = _config(width, height, channels, synth_hidden, **fields)
     seed = b.eg(0, "seed", 2**32 - 1)
     codes = []
     n_layer_tensors = 2 * len(config.layer_shapes())

@@ -106,6 +106,7 @@ def decode_cpu(
         list(cfg.synth_hidden),
         cfg.synth_residual,
         cfg.out_channels,
+        cfg.synth_upsampling == "bicubic",
         [np.ascontiguousarray(w.numpy()) for w, _ in layers],
         [np.ascontiguousarray(b.numpy()) for _, b in layers],
         coded,

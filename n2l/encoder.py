@@ -76,8 +76,9 @@ QUALITY_CONFIGS = (
 # each like Cool-chic's latent grids. At low rates the full-resolution latent is generated from
 # seeded noise by a small 1x1 GPP (lower RD cost than coding it, bench/RESULTS.md 7a); at high
 # rates it is transmitted too (on a kodim01 crop at quality 6, 33.9 dB at 2.38 bpp against
-# 28.9 dB at 1.45 bpp: J 1.26e-3 against 1.81e-3).
-_HYBRID = ModelConfig(latent_channels=1, coded_scales=6, gpp_hidden=4)
+# 28.9 dB at 1.45 bpp: J 1.26e-3 against 1.81e-3). The synthesis upsamples the latents
+# bicubically: about 2% lower RD cost than bilinear at qualities 0, 3 and 6 (bench/RESULTS.md 7t).
+_HYBRID = ModelConfig(latent_channels=1, coded_scales=6, gpp_hidden=4, synth_upsampling="bicubic")
 HYBRID_CONFIGS = (
     *(replace(_HYBRID, synth_hidden=(12,)) for _ in range(3)),
     *(replace(_HYBRID, synth_hidden=(16,)) for _ in range(2)),
@@ -285,10 +286,10 @@ class _TrainingModel(N2LModel):
             return cpu.pointwise(x, [(c.weight, c.bias) for c in layers], self.threads)
         return super().pointwise(x, names)
 
-    def upsample(self, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
-        if factor > 1 and _on_core(x):
+    def upsample(self, x: torch.Tensor, factor: int, height: int, width: int, kernel: str = "bilinear") -> torch.Tensor:
+        if factor > 1 and kernel == "bilinear" and _on_core(x):
             return cpu.upsample(x, factor, height, width)
-        return super().upsample(x, factor, height, width)
+        return super().upsample(x, factor, height, width, kernel)
 
 
 _SEEDING = threading.Lock()  # candidates on threads seed their initialization in turn

@@ -11,12 +11,13 @@ Data flow for an H x W image (scale s has size ceil(H/2^s) x ceil(W/2^s), s = 0 
         p     = conv_1x1(h)                         GPP layer 1 ("gpp.s.1"), 2C channels
         mu_s  = u_s + p[:C],  sigma_s = softplus(p[C:])
         y_s   = mu_s + sigma_s * z_s                reparameterization
-    x = concat_s(up_{2^s}(y_s))                     [M*C, H, W]
+    x = concat_s(up_{2^s}(y_s))                     [M*C, H, W], bilinear or bicubic
+                                                    (config.synth_upsampling)
     x = 1x1 convs with ReLU between ("synth.i"), the last one to RGB
     x = x + conv_3x3(x) for each residual layer    ("synth_res.r")
 
-Convolutions pad by edge replication. Upsampling is bilinear with align_corners=False
-semantics (half-pixel centres, clamped at the edges), see `upsample`.
+Convolutions pad by edge replication. Upsampling has align_corners=False semantics
+(half-pixel centres, edge values repeated), see `upsample`; up2 is always bilinear.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from torch import nn
 from .noise import noise_block, scale_shape
 
 
+UPSAMPLING_KERNELS = ("bilinear", "bicubic")
+CUBIC_A = -0.75  # the cubic convolution kernel's parameter (Keys 1981; torch's and OpenCV's bicubic)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one n2l network. Everything here is signalled in the bitstream."""
@@ -45,6 +50,7 @@ class ModelConfig:
     synth_residual: int = 1  # number of 3x3 residual layers on the output after the 1x1 layers
     out_channels: int = 3  # 3 for RGB, 1 for grayscale images
     coded_scales: int = 0  # hybrid mode: the latents of this many coarsest scales are transmitted
+    synth_upsampling: str = "bilinear"  # kernel that brings each latent to full size for the synthesis
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "synth_hidden", tuple(int(h) for h in self.synth_hidden))
@@ -59,6 +65,7 @@ class ModelConfig:
             (0 <= self.synth_residual <= 8, "synth_residual must be in 0..8"),
             (self.out_channels in (1, 3), "out_channels must be 1 or 3"),
             (0 <= self.coded_scales <= self.n_scales, "coded_scales must be in 0..n_scales"),
+            (self.synth_upsampling in UPSAMPLING_KERNELS, f"synth_upsampling must be one of {UPSAMPLING_KERNELS}"),
         )
         for ok, message in limits:
             if not ok:
@@ -111,7 +118,7 @@ class ModelConfig:
     def macs_per_pixel(self, height: int | None = None, width: int | None = None) -> float:
         """Multiply-accumulates per decoded pixel, counted exactly.
 
-        Counts every convolution tap, 4 per bilinear sample and channel, and 1 per
+        Counts every convolution tap, 4 per bilinear sample and channel (16 per bicubic), and 1 per
         reparameterized latent element (biases and activations are free). With a size,
         scale areas are the real ceil(H/2^s) x ceil(W/2^s); without one, the asymptotic 4^-s.
         """
@@ -128,7 +135,8 @@ class ModelConfig:
                 gpp = k * k * self.gpp_in_channels(s) * self.gpp_hidden + self.gpp_hidden * 2 * c
                 up_coarser = 4 * c if s < self.n_scales - 1 else 0
                 total += area * (gpp + c + up_coarser)
-            total += 4 * c if s > 0 else 0  # upsampling y_s to full size
+            taps = 16 if self.synth_upsampling == "bicubic" else 4
+            total += taps * c if s > 0 else 0  # upsampling y_s to full size
         widths = (self.n_scales * c, *self.synth_hidden, self.out_channels)
         total += sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         total += 9 * self.out_channels**2 * self.synth_residual
@@ -166,42 +174,63 @@ def preset(name: str, **overrides) -> ModelConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def cubic_weights(t: float) -> tuple[float, float, float, float]:
+    """Weights of the 4 taps floor(src) - 1 .. floor(src) + 2 at fraction t = src - floor(src)
+    of the cubic convolution kernel with a = CUBIC_A (float64; exact for the fractions of a
+    power-of-two factor)."""
+    a = CUBIC_A
+
+    def near(d: float) -> float:  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d: float) -> float:  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
 @functools.lru_cache(maxsize=64)  # a few sizes per image; bounded for long-lived processes
-def _interpolation_matrix(size: int, factor: int, out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[out, size] matrix of 1-D bilinear upsampling by `factor` (see `upsample`): two taps per
-    row, weights exact in float32 for a power-of-two factor."""
+def _interpolation_matrix(size: int, factor: int, out: int, kernel: str, device: torch.device,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """[out, size] matrix of 1-D upsampling by `factor` (see `upsample`), built in float64."""
     with torch.inference_mode(False):  # cached: must stay usable by autograd later
-        src = ((torch.arange(out, dtype=torch.float64) + 0.5) / factor - 0.5).clamp_min(0)
-        lo = src.floor()
-        frac = src - lo
-        lo = lo.long().clamp_max(size - 1)
-        rows = torch.arange(out)
         m = torch.zeros(out, size, dtype=torch.float64)
-        m.index_put_((rows, lo), 1 - frac, accumulate=True)
-        m.index_put_((rows, (lo + 1).clamp_max(size - 1)), frac, accumulate=True)
+        for i in range(out):
+            src = (i + 0.5) / factor - 0.5
+            if kernel == "bilinear":
+                src = max(src, 0.0)
+                lo = math.floor(src)
+                taps = ((lo, 1 - (src - lo)), (lo + 1, src - lo))
+            else:
+                lo = math.floor(src)
+                taps = zip(range(lo - 1, lo + 3), cubic_weights(src - lo))
+            for j, weight in taps:
+                m[i, min(max(j, 0), size - 1)] += weight
         return m.to(device, dtype)
 
 
 MATRIX_UPSAMPLE_MAX_INPUT = 128 * 128  # larger inputs: the dense matrices would cost too much
 
 
-def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
-    """Bilinear upsampling of [B, C, h, w] by an integer factor, cropped to [B, C, height, width].
+def upsample(x: torch.Tensor, factor: int, height: int, width: int, kernel: str = "bilinear") -> torch.Tensor:
+    """Upsampling of [B, C, h, w] by an integer factor, cropped to [B, C, height, width].
 
-    Source coordinate of output index i: max(0, (i + 0.5) / factor - 0.5); the two taps are
-    floor(src) and floor(src) + 1, both clamped to the last input index (torch's bilinear with
-    align_corners=False and an explicit scale factor). With a power-of-two factor every
-    coordinate and weight is exact in float32. Small inputs (the coarse latents) go through two
-    matrix products, rows then columns: several times faster to train through than
-    F.interpolate on CPU, and the same function up to float rounding.
+    Source coordinate of output index i: src = (i + 0.5) / factor - 0.5 (half-pixel centres).
+    Bilinear: src clamped to >= 0, taps floor(src) and floor(src) + 1 with weights 1 - t and
+    t (t = src - floor(src)). Bicubic: taps floor(src) - 1 .. floor(src) + 2 weighted by
+    `cubic_weights(t)`. Taps past an edge read the edge value (torch's bilinear and bicubic
+    with align_corners=False and an explicit scale factor). With a power-of-two factor every
+    coordinate and weight is exact. Small inputs (the coarse latents) go through two matrix
+    products, rows then columns: several times faster to train through than F.interpolate on
+    CPU, and the same function up to float rounding.
     """
     h, w = x.shape[-2:]
     if factor == 1:
         return x[..., :height, :width]
     if h * w > MATRIX_UPSAMPLE_MAX_INPUT:
-        return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)[..., :height, :width]
-    rows = _interpolation_matrix(h, factor, min(height, h * factor), x.device, x.dtype)
-    cols = _interpolation_matrix(w, factor, min(width, w * factor), x.device, x.dtype)
+        return F.interpolate(x, scale_factor=factor, mode=kernel, align_corners=False)[..., :height, :width]
+    rows = _interpolation_matrix(h, factor, min(height, h * factor), kernel, x.device, x.dtype)
+    cols = _interpolation_matrix(w, factor, min(width, w * factor), kernel, x.device, x.dtype)
     return rows @ x @ cols.T
 
 
@@ -253,9 +282,9 @@ class N2LModel(nn.Module):
             x = self.conv(x, name) if i == 0 else self.conv(torch.relu(x), name)
         return x
 
-    def upsample(self, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+    def upsample(self, x: torch.Tensor, factor: int, height: int, width: int, kernel: str = "bilinear") -> torch.Tensor:
         """See `upsample`."""
-        return upsample(x, factor, height, width)
+        return upsample(x, factor, height, width, kernel)
 
     def named_layers(self) -> list[tuple[str, nn.Conv2d]]:
         """Convolutions in bitstream order (see ModelConfig.layer_shapes)."""
@@ -296,7 +325,8 @@ class N2LModel(nn.Module):
 
     def synthesis(self, ys: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
         """Latents -> image [B, out_channels, H, W] (not clamped)."""
-        x = torch.cat([self.upsample(y, 1 << s, height, width) for s, y in enumerate(ys)], dim=1)
+        kernel = self.config.synth_upsampling
+        x = torch.cat([self.upsample(y, 1 << s, height, width, kernel) for s, y in enumerate(ys)], dim=1)
         x = self.pointwise(x, [f"synth.{i}" for i in range(len(self.config.synth_hidden) + 1)])
         for r in range(self.config.synth_residual):
             x = x + self.conv(x, f"synth_res.{r}")

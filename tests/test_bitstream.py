@@ -16,6 +16,16 @@ from n2l.bitstream import FormatError
 GOLDEN = Path(__file__).parent / "data" / "golden.n2l"
 
 
+def test_synthesis_upsampling_round_trip(tiny_stream):
+    """Version 7's upsampling bit: a bicubic network's header reads back bicubic; version 6
+    streams (no such bit) read as bilinear."""
+    header, payload = bitstream.read(tiny_stream)
+    config = dataclasses.replace(header.config, synth_upsampling="bicubic")
+    again = bitstream.read(bitstream.write(dataclasses.replace(header, config=config), payload))[0]
+    assert again.config == config
+    assert bitstream.read(_bit_header(_fields(n_scales=1, codes=[("u", 5, 0), ("eg", 2, 0)] * 8)))[0].config.synth_upsampling == "bilinear"
+
+
 def test_header_round_trip(tiny_stream):
     header, payload = bitstream.read(tiny_stream)
     assert (header.width, header.height, header.channels) == (12, 10, 3)
@@ -140,8 +150,8 @@ def test_corrupted_payload_with_valid_crc_never_crashes(tiny_stream):
         _decode_or_format_error(_with_crc(body[: start + n]))
 
 
-def _bit_header(fields: list[tuple[str, int, int]], version: int = bitstream.VERSION) -> bytes:
-    """A bit-packed header (versions 5-6) from (kind, k or bits, value) fields ("u" or "eg"), padded, with a CRC:
+def _bit_header(fields: list[tuple[str, int, int]], version: int = 6) -> bytes:
+    """A bit-packed header (versions 5-6: no upsampling bit) from (kind, k or bits, value) fields ("u" or "eg"), padded, with a CRC:
     bytes the writer refuses to produce."""
     w = bitstream._BitWriter()
     for kind, n, value in fields:
@@ -170,7 +180,7 @@ def test_helper_header_is_valid_up_to_its_codes():
 @pytest.mark.parametrize(
     "fields,version,message",
     [
-        (_fields(), 7, "version"),
+        (_fields(), bitstream.VERSION + 1, "version"),
         (_fields(width=32768, height=32768), 6, "exceeds"),
         (_fields(n_scales=13), 6, "n_scales"),
         (_fields(hidden=(8,) * 9), 6, "hidden layers 9 out of range"),

@@ -114,11 +114,13 @@ def test_random_configs_match_torch(case: int, each_isa) -> None:
             assert_close(cpu.decode_cpu(model, seed, height, width, threads=2), ref)
 
 
+@pytest.mark.parametrize("upsampling", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("coded", [1, 3, 4])
-def test_hybrid_coded_latents_match_torch(coded: int, each_isa) -> None:
-    """Transmitted coarse latents (and, with coded == n_scales, every latent) feed the same network."""
+def test_hybrid_coded_latents_match_torch(coded: int, upsampling: str, each_isa) -> None:
+    """Transmitted coarse latents (and, with coded == n_scales, every latent) feed the same
+    network, with either synthesis upsampling kernel."""
     cfg = ModelConfig(n_scales=4, latent_channels=2, gpp_hidden=6, gpp_kernel_min_scale=0, synth_hidden=(8,),
-                      synth_residual=1, coded_scales=coded)
+                      synth_residual=1, coded_scales=coded, synth_upsampling=upsampling)
     for height, width in [(1, 1), (7, 13), (65, 33)]:
         model = random_model(cfg, seed=coded, height=height, width=width)
         ref = reference(model, 5, height, width)

@@ -42,6 +42,36 @@ def test_invalid_configs_are_rejected():
 
 
 @pytest.mark.parametrize("big", [False, True], ids=["matrices", "interpolate"])
+def test_bicubic_upsample_follows_the_documented_formula(big, monkeypatch):
+    """docs/FORMAT.md: t = (i + 0.5) / f - 0.5, taps floor(t) - 1 .. floor(t) + 2 clamped,
+    cubic convolution weights with a = -0.75 (which sum to 1)."""
+    if big:
+        monkeypatch.setattr(model, "MATRIX_UPSAMPLE_MAX_INPUT", 5 * 4 - 1)
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    f, h, w = 4, 19, 13
+    out = upsample(x, f, h, w, "bicubic")
+    assert out.shape == (1, 2, 19, 13)
+
+    def c1(u):
+        return (1.25 * u - 2.25) * u * u + 1
+
+    def c2(u):
+        return ((-0.75 * u + 3.75) * u - 6) * u + 3
+
+    def taps(n, i):
+        t = (i + 0.5) / f - 0.5
+        lo, d = math.floor(t), t - math.floor(t)
+        weights = (c2(d + 1), c1(d), c1(1 - d), c2(2 - d))
+        assert sum(weights) == pytest.approx(1)
+        return [(min(max(lo - 1 + k, 0), n - 1), weights[k]) for k in range(4)]
+
+    for i in range(h):
+        for j in range(w):
+            expect = sum(a * b * x[..., y0, x0] for y0, a in taps(5, i) for x0, b in taps(4, j))
+            assert torch.allclose(out[..., i, j], expect, atol=1e-12)
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["matrices", "interpolate"])
 def test_upsample_follows_the_documented_formula(big, monkeypatch):
     """docs/FORMAT.md: t = max(0, (i + 0.5) / f - 0.5), taps floor(t) and +1 clamped; the
     same on both sides of the size where the matrix products give way to F.interpolate."""

@@ -175,10 +175,11 @@ def test_latents_synthesis_decode(config: ModelConfig):
     assert ((image > 0.02) & (image < 0.98)).float().mean() > 0.5
 
 
-@pytest.mark.parametrize("coded", [2, 3])
-def test_hybrid_coded_latents(coded: int):
-    """Transmitted latents (the coarsest scales, or all of them) replace the GPP there."""
-    config = ModelConfig(**{**CONFIGS[4].to_dict(), "coded_scales": coded})
+@pytest.mark.parametrize("coded, upsampling", [(2, "bilinear"), (3, "bilinear"), (2, "bicubic"), (3, "bicubic")])
+def test_hybrid_coded_latents(coded: int, upsampling: str):
+    """Transmitted latents (the coarsest scales, or all of them) replace the GPP there; the
+    synthesis upsamples them with either kernel."""
+    config = ModelConfig(**{**CONFIGS[4].to_dict(), "coded_scales": coded, "synth_upsampling": upsampling})
     for height, width in SIZES:
         model = random_model(config, seed=coded, height=height, width=width)
         _, ys, image = reference(model, 8, height, width)
