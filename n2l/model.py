@@ -32,7 +32,6 @@ from torch import nn
 
 from .noise import noise_block, scale_shape
 
-
 UPSAMPLING_KERNELS = ("bilinear", "bicubic")
 CUBIC_A = -0.75  # the cubic convolution kernel's parameter (Keys 1981; torch's and OpenCV's bicubic)
 
