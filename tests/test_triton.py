@@ -79,7 +79,8 @@ def random_model(config: ModelConfig, seed: int, height: int = 24, width: int = 
         last = model.layer(f"synth.{n_synth - 1}")
         for _ in range(2):
             out = model(model.noise(99, height, width))[0].flatten(1)
-            gain = 0.2 / out.std(dim=1).clamp_min(1e-3)
+            spread = out.std(dim=1, correction=0)  # 0 on a 1x1 image (not NaN): then only centred
+            gain = torch.where(spread > 1e-3, 0.2 / spread.clamp_min(1e-3), 1.0)
             last.weight.mul_(gain[:, None, None, None])
             last.bias.mul_(gain).add_(0.5 - out.mean(dim=1) * gain)
     return model.to(DEVICE)
