@@ -97,7 +97,7 @@ def _bilinear(ptr, iy0, iy1, ay, ix0, ix1, ax, row):
 
 
 @triton.jit
-def _cubic_taps(i, n_in, INV_FACTOR: tl.constexpr):
+def _cubic_taps(i, INV_FACTOR: tl.constexpr):
     """Bicubic taps along one axis (docs/FORMAT.md): the first of 4 consecutive (unclamped)
     indices and the 4 cubic convolution weights (a = -0.75) of the fraction t."""
     src = (i.to(tl.float32) + 0.5) * INV_FACTOR - 0.5  # exact for power-of-two factors
@@ -282,8 +282,8 @@ def _synth_kernel(
                 v = tl.load(lat_ptr + c * hs * ws + cy * ws + cx)
                 acc += tl.load(wf_ptr + c * D1 + cols)[:, None] * v[None, :]
         elif BICUBIC:
-            iy, ay0, ay1, ay2, ay3 = _cubic_taps(cy, hs, 1.0 / (1 << s))
-            ix, ax0, ax1, ax2, ax3 = _cubic_taps(cx, ws, 1.0 / (1 << s))
+            iy, ay0, ay1, ay2, ay3 = _cubic_taps(cy, 1.0 / (1 << s))
+            ix, ax0, ax1, ax2, ax3 = _cubic_taps(cx, 1.0 / (1 << s))
             for c in tl.static_range(C):
                 v = _bicubic(lat_ptr + base + c * hs * ws, iy, ay0, ay1, ay2, ay3, ix, ax0, ax1, ax2, ax3, hs, ws)
                 acc += tl.load(wf_ptr + (s * C + c) * D1 + cols)[:, None] * v[None, :]

@@ -15,9 +15,9 @@ significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k), zero-pad
 then the payload (the rest, a multiple of 4 bytes) | crc32 u32 (of every byte before it).
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Older streams are still read: version 6 has no upsampling bit (bilinear), version 5 has no depth field (depth 1), version 4 has
-version 5's fields byte-aligned (u8, i8 and LEB128 varints, with an explicit payload length);
-version 3 codes latents in two checkerboard passes (fields per latent: exponent u8, scale_code
+first. Older streams are still read: version 6 has no upsampling bit (bilinear), version 5
+has no depth field either (depth 1), version 4 has version 5's fields byte-aligned (u8, i8
+and LEB128 varints, with an explicit payload length); version 3 codes latents in two checkerboard passes (fields per latent: exponent u8, scale_code
 i8, max_abs varint, pred_scale_code i8, alpha u8), version 2 has fixed-width fields where
 version 3 has varints (seed and payload_len u32, max_abs u16), version 1 also lacks
 coded_scales (pure mode).

@@ -147,7 +147,7 @@ class ModelConfig:
             f"{self.n_scales} scales x {self.latent_channels} ch{coded}, "
             f"GPP hidden {self.gpp_hidden} ({self.gpp_kernel}x{self.gpp_kernel} from scale "
             f"{self.gpp_kernel_min_scale}), synthesis {list(self.synth_hidden)} "
-            f"+ {self.synth_residual} residual 3x3; "
+            f"+ {self.synth_residual} residual 3x3, {self.synth_upsampling} upsampling; "
             f"{self.n_params()} parameters, {self.macs_per_pixel():.0f} MAC/pixel"
         )
 
