@@ -50,6 +50,9 @@ struct TrainKernels {
   // and the gradient gx [C, h, w] of its input from gy [C, H, W].
   bool (*upsample)(const float* x, int C, int h, int w, int factor, int H, int W, float* y);
   bool (*upsample_backward)(const float* gy, int C, int h, int w, int factor, int H, int W, float* gx);
+  // The same with bicubic upsampling (FORMAT.md, the synthesis' kernel when signalled).
+  bool (*upsample_cubic)(const float* x, int C, int h, int w, int factor, int H, int W, float* y);
+  bool (*upsample_cubic_backward)(const float* gy, int C, int h, int w, int factor, int H, int W, float* gx);
   // 1x1 layers (k = 1, widths <= kMaxWidth) with ReLU between them, y [cout, N] from x [cin, N],
   // on pixels [p0, p1); and their backward: gx of those pixels, and into grads (overwritten)
   // the parameter gradients of those pixels only, per layer its weight then its bias.

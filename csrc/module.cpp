@@ -268,7 +268,7 @@ void conv3x3_backward(const FloatArray& x, const FloatArray& w, const FloatArray
 }
 
 // upsample: x [C, h, w] -> y [C, H, W]; backward: gy [C, H, W] -> gx [C, h, w].
-void upsample_call(const FloatArray& src, int factor, OutArray dst, bool backward) {
+void upsample_call(const FloatArray& src, int factor, OutArray dst, bool backward, bool bicubic) {
   if (src.ndim() != 3 || dst.ndim() != 3 || src.shape(0) != dst.shape(0) || src.shape(0) < 1)
     throw std::invalid_argument("upsample: arrays must be [C, ., .] with the same C");
   const int C = static_cast<int>(src.shape(0));
@@ -283,8 +283,9 @@ void upsample_call(const FloatArray& src, int factor, OutArray dst, bool backwar
   bool ok;
   {
     nb::gil_scoped_release release;
-    ok = backward ? k.upsample_backward(src.data(), C, h, w, factor, H, W, dst.data())
-                  : k.upsample(src.data(), C, h, w, factor, H, W, dst.data());
+    auto* fn = bicubic ? (backward ? k.upsample_cubic_backward : k.upsample_cubic)
+                       : (backward ? k.upsample_backward : k.upsample);
+    ok = fn(src.data(), C, h, w, factor, H, W, dst.data());
   }
   if (!ok) throw std::bad_alloc();
 }
@@ -477,13 +478,13 @@ NB_MODULE(_core, m) {
         "Gradients of conv3x3_forward with respect to x, w and b, from that of y.");
   m.def(
       "upsample_forward",
-      [](const FloatArray& x, int factor, OutArray y) { upsample_call(x, factor, y, false); }, nb::arg("x"),
-      nb::arg("factor"), nb::arg("y"),
-        "Bilinear upsampling of x [C, h, w] by factor into y [C, H, W] (cropped; training).");
+      [](const FloatArray& x, int factor, OutArray y, bool bicubic) { upsample_call(x, factor, y, false, bicubic); },
+      nb::arg("x"), nb::arg("factor"), nb::arg("y"), nb::arg("bicubic") = false,
+        "Bilinear (or bicubic) upsampling of x [C, h, w] by factor into y [C, H, W] (cropped; training).");
   m.def(
       "upsample_backward",
-      [](const FloatArray& gy, int factor, OutArray gx) { upsample_call(gy, factor, gx, true); }, nb::arg("gy"),
-      nb::arg("factor"), nb::arg("gx"),
+      [](const FloatArray& gy, int factor, OutArray gx, bool bicubic) { upsample_call(gy, factor, gx, true, bicubic); },
+      nb::arg("gy"), nb::arg("factor"), nb::arg("gx"), nb::arg("bicubic") = false,
         "Gradient gx [C, h, w] of upsample_forward's input from that of its output, gy [C, H, W].");
   m.def("pointwise_forward", &pointwise_forward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"), nb::arg("y"),
         nb::arg("threads"), "1x1 layers ([out, in] weights) with ReLU between: y [out, N] from x [in, N].");

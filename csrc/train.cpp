@@ -5,6 +5,7 @@
 // of the machine's speed; here each row is a few vector loops. Compiled per instruction-set
 // variant like kernels.cpp. Work is split into bands of output rows; a band's result never
 // depends on which thread computes it, so training is deterministic for any thread count.
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -239,6 +240,95 @@ bool upsample_backward(const float* gy, int C, int h, int w, int factor, int H, 
   return true;
 }
 
+
+// Bicubic taps of one axis (the reference's `upsample` with kernel "bicubic"): output i reads
+// inputs idx[4i .. 4i+3] (first - 1 .. first + 2, clamped) with weights wt[4i .. 4i+3], the
+// cubic convolution kernel (a = -0.75) at its fraction, computed in double and rounded.
+void cubic_axis_taps(int size, int factor, int out, int* idx, float* wt) {
+  const double A = -0.75;
+  for (int i = 0; i < out; ++i) {
+    const double src = (i + 0.5) / factor - 0.5, lo = std::floor(src), t = src - lo;
+    const double d[4] = {t + 1, t, 1 - t, 2 - t};
+    for (int k = 0; k < 4; ++k) {
+      const double u = d[k];
+      const double v = (k == 1 || k == 2) ? ((A + 2) * u - (A + 3)) * u * u + 1 : ((A * u - 5 * A) * u + 8 * A) * u - 4 * A;
+      idx[4 * i + k] = clampi(static_cast<int>(lo) - 1 + k, 0, size - 1);
+      wt[4 * i + k] = static_cast<float>(v);
+    }
+  }
+}
+
+struct CubicTaps2D {
+  int *ix, *iy;
+  float *wx, *wy, *tmp;  // tmp: [h, W], the rows upsampled along x only
+  void* mem;
+  bool init(int h, int w, int factor, int H, int W) {
+    mem = malloc(sizeof(int) * 4 * (W + H) + sizeof(float) * (4 * (W + H) + static_cast<size_t>(h) * W));
+    if (mem == nullptr) return false;
+    ix = static_cast<int*>(mem);
+    iy = ix + 4 * W;
+    wx = reinterpret_cast<float*>(iy + 4 * H);
+    wy = wx + 4 * W;
+    tmp = wy + 4 * H;
+    cubic_axis_taps(w, factor, W, ix, wx);
+    cubic_axis_taps(h, factor, H, iy, wy);
+    return true;
+  }
+};
+
+// y [C, H, W] = bicubic upsampling of x [C, h, w] by `factor`, cropped to H x W.
+bool upsample_cubic(const float* x, int C, int h, int w, int factor, int H, int W, float* y) {
+  CubicTaps2D t;
+  if (!t.init(h, w, factor, H, W)) return false;
+  for (int c = 0; c < C; ++c) {
+    const float* xc = x + static_cast<size_t>(c) * h * w;
+    for (int i = 0; i < h; ++i) {
+      const float* r = xc + static_cast<size_t>(i) * w;
+      for (int X = 0; X < W; ++X) {
+        const int* j = t.ix + 4 * X;
+        const float* a = t.wx + 4 * X;
+        t.tmp[static_cast<size_t>(i) * W + X] = a[0] * r[j[0]] + a[1] * r[j[1]] + a[2] * r[j[2]] + a[3] * r[j[3]];
+      }
+    }
+    for (int Y = 0; Y < H; ++Y) {
+      const int* j = t.iy + 4 * Y;
+      const float* a = t.wy + 4 * Y;
+      const float *r0 = t.tmp + static_cast<size_t>(j[0]) * W, *r1 = t.tmp + static_cast<size_t>(j[1]) * W;
+      const float *r2 = t.tmp + static_cast<size_t>(j[2]) * W, *r3 = t.tmp + static_cast<size_t>(j[3]) * W;
+      float* out = y + (static_cast<size_t>(c) * H + Y) * W;
+      for (int X = 0; X < W; ++X) out[X] = a[0] * r0[X] + a[1] * r1[X] + a[2] * r2[X] + a[3] * r3[X];
+    }
+  }
+  free(t.mem);
+  return true;
+}
+
+// gx [C, h, w]: the gradient of upsample_cubic's input from that of its output, gy [C, H, W].
+bool upsample_cubic_backward(const float* gy, int C, int h, int w, int factor, int H, int W, float* gx) {
+  CubicTaps2D t;
+  if (!t.init(h, w, factor, H, W)) return false;
+  for (int c = 0; c < C; ++c) {
+    memset(t.tmp, 0, sizeof(float) * h * W);
+    for (int Y = 0; Y < H; ++Y) {
+      const float* g = gy + (static_cast<size_t>(c) * H + Y) * W;
+      for (int k = 0; k < 4; ++k) {
+        float* r = t.tmp + static_cast<size_t>(t.iy[4 * Y + k]) * W;
+        const float a = t.wy[4 * Y + k];
+        for (int X = 0; X < W; ++X) r[X] += a * g[X];
+      }
+    }
+    float* gc = gx + static_cast<size_t>(c) * h * w;
+    memset(gc, 0, sizeof(float) * h * w);
+    for (int i = 0; i < h; ++i)
+      for (int X = 0; X < W; ++X) {
+        const float v = t.tmp[static_cast<size_t>(i) * W + X];
+        for (int k = 0; k < 4; ++k) gc[static_cast<size_t>(i) * w + t.ix[4 * X + k]] += t.wx[4 * X + k] * v;
+      }
+  }
+  free(t.mem);
+  return true;
+}
+
 // A stack of 1x1 layers with ReLU between them, on VL pixels at a time: act[0] = the input,
 // act[l + 1] = layer l's output (after its ReLU, except the last's). act holds kMaxWidth
 // vectors per layer boundary.
@@ -345,8 +435,8 @@ bool pointwise_backward(const float* x, const float* gy, int N, const Layer* lay
 
 }  // namespace
 
-extern const TrainKernels train_kernels = {&conv3x3_rows, &conv3x3_backward_rows, &upsample, &upsample_backward,
-                                           &pointwise,    &pointwise_backward};
+extern const TrainKernels train_kernels = {&conv3x3_rows,   &conv3x3_backward_rows,   &upsample, &upsample_backward,
+                                           &upsample_cubic, &upsample_cubic_backward, &pointwise, &pointwise_backward};
 
 }  // namespace N2L_ARCH
 }  // namespace n2l

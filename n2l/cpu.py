@@ -137,18 +137,18 @@ class _Conv3x3(torch.autograd.Function):
 
 class _Upsample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, factor: int, height: int, width: int, bicubic: bool) -> torch.Tensor:
         x = x.detach().contiguous()
         y = x.new_empty(1, x.shape[1], height, width)
-        _core.upsample_forward(x[0].numpy(), factor, y[0].numpy())
-        ctx.factor, ctx.shape = factor, x.shape
+        _core.upsample_forward(x[0].numpy(), factor, y[0].numpy(), bicubic)
+        ctx.factor, ctx.shape, ctx.bicubic = factor, x.shape, bicubic
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gx = gy.new_empty(ctx.shape)
-        _core.upsample_backward(gy.detach().contiguous()[0].numpy(), ctx.factor, gx[0].numpy())
-        return gx, None, None, None
+        _core.upsample_backward(gy.detach().contiguous()[0].numpy(), ctx.factor, gx[0].numpy(), ctx.bicubic)
+        return gx, None, None, None, None
 
 
 class _Pointwise(torch.autograd.Function):
@@ -191,10 +191,10 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, threads: 
     return _Conv3x3.apply(x, weight, bias, threads)
 
 
-def upsample(x: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
-    """Bilinear upsampling by `factor`, cropped to height x width (n2l.model.upsample)."""
+def upsample(x: torch.Tensor, factor: int, height: int, width: int, kernel: str = "bilinear") -> torch.Tensor:
+    """Bilinear or bicubic upsampling by `factor`, cropped to height x width (n2l.model.upsample)."""
     _require_core()
-    return _Upsample.apply(x, factor, height, width)
+    return _Upsample.apply(x, factor, height, width, kernel == "bicubic")
 
 
 POINTWISE_MAX_WIDTH = 64  # kMaxWidth in csrc/core.h

@@ -287,8 +287,8 @@ class _TrainingModel(N2LModel):
         return super().pointwise(x, names)
 
     def upsample(self, x: torch.Tensor, factor: int, height: int, width: int, kernel: str = "bilinear") -> torch.Tensor:
-        if factor > 1 and kernel == "bilinear" and _on_core(x):
-            return cpu.upsample(x, factor, height, width)
+        if factor > 1 and _on_core(x):
+            return cpu.upsample(x, factor, height, width, kernel)
         return super().upsample(x, factor, height, width, kernel)
 
 
@@ -488,12 +488,14 @@ class _Refinement:
     @staticmethod
     def _footprints(config: ModelConfig, name: str, shape: tuple[int, ...], size) -> np.ndarray:
         """[4, values]: the output rows and columns [r0, r1) x [c0, c1) each value can change
-        (bilinear upsampling reaches one coarse pixel either side; each 3x3 layer one more)."""
+        (bilinear upsampling reaches one coarse pixel either side, bicubic two; each 3x3 layer
+        one more pixel)."""
         scale = config.n_scales - 1 - int(name.split(".")[1])
         f, margin = 1 << scale, config.synth_residual
+        reach = 2 if config.synth_upsampling == "bicubic" else 1
         _, i, j = np.unravel_index(np.arange(math.prod(shape)), shape)
-        rows = np.clip([f * (i - 1) - margin, f * (i + 2) + margin], 0, size[0])
-        cols = np.clip([f * (j - 1) - margin, f * (j + 2) + margin], 0, size[1])
+        rows = np.clip([f * (i - reach) - margin, f * (i + 1 + reach) + margin], 0, size[0])
+        cols = np.clip([f * (j - reach) - margin, f * (j + 1 + reach) + margin], 0, size[1])
         return np.concatenate([rows, cols])
 
     def ranked(self, purpose: str, lmbda: float = 0.0, per_scale: bool = True,

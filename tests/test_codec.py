@@ -342,3 +342,34 @@ def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monke
     assert not control.probe(1)  # only the first probe restarts
     assert trainer.lmbda == pytest.approx(4e-2 * 4, rel=1e-2)  # the goal is one more e down: lambda x4
     assert not control.needs_probe(99, 100)
+
+
+@pytest.mark.parametrize("upsampling", ["bilinear", "bicubic"])
+def test_latent_footprints_bound_what_a_value_changes(upsampling):
+    """The latent refinement treats moves with disjoint footprints as independent: a coded
+    value must change no output pixel outside its footprint, with either upsampling kernel."""
+    from n2l.encoder import _Refinement
+    from n2l.model import ModelConfig, N2LModel
+
+    cfg = ModelConfig(n_scales=4, latent_channels=1, coded_scales=3, gpp_hidden=4, synth_hidden=(6,),
+                      synth_residual=1, synth_upsampling=upsampling)
+    torch.manual_seed(0)
+    model = N2LModel(cfg, 29, 35)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    noise = model.noise(0, 29, 35)
+    with torch.no_grad():
+        base = model(noise)
+        for k, latent in enumerate(model.coded):
+            name = f"coded.{k}"
+            boxes = _Refinement._footprints(cfg, name, tuple(latent.shape[1:]), (29, 35))
+            for v in (0, latent.numel() // 2, latent.numel() - 1):
+                value = latent.view(-1)[v].item()
+                latent.view(-1)[v] = value + 1.0
+                changed = (model(noise) - base).abs().amax(dim=(0, 1)) > 0
+                latent.view(-1)[v] = value  # restored exactly (- 1.0 could round)
+                r0, r1, c0, c1 = boxes[:, v]
+                inside = torch.zeros_like(changed)
+                inside[r0:r1, c0:c1] = True
+                assert changed.any() and not (changed & ~inside).any(), (name, v)

@@ -245,13 +245,14 @@ def test_training_conv3x3_matches_torch(c_in, c_out, height, width, each_isa) ->
 
 @pytest.mark.parametrize("channels, h, w, factor, height, width", [(1, 128, 128, 2, 256, 256), (3, 4, 5, 8, 29, 40),
                                                                  (1, 1, 1, 64, 64, 64), (2, 3, 7, 2, 5, 13)])
-def test_training_upsample_matches_torch(channels, h, w, factor, height, width, each_isa) -> None:
+@pytest.mark.parametrize("kernel", ["bilinear", "bicubic"])
+def test_training_upsample_matches_torch(channels, h, w, factor, height, width, kernel, each_isa) -> None:
     from n2l.model import upsample
 
     x = torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(h)).requires_grad_()
-    want = _value_and_grads(lambda t: upsample(t, factor, height, width), [x], 2)
+    want = _value_and_grads(lambda t: upsample(t, factor, height, width, kernel), [x], 2)
     for _ in each_isa():
-        _assert_rel_close(_value_and_grads(lambda t: cpu.upsample(t, factor, height, width), [x], 2), want)
+        _assert_rel_close(_value_and_grads(lambda t: cpu.upsample(t, factor, height, width, kernel), [x], 2), want)
 
 
 def _pointwise_inputs(widths: tuple[int, ...], height: int, width: int, seed: int) -> list[torch.Tensor]:
