@@ -336,48 +336,31 @@ struct GppOutput final : RowSource {
   }
 };
 
-// Bicubic taps of one axis (FORMAT.md "Upsampling"): output i reads lo-1 .. lo+2 (clamped)
-// with the cubic convolution weights of its fraction, computed in double and rounded, as the
-// reference builds them.
+// Bicubic taps of one axis (`cubic_taps`) for every output column: t.i[k][x], t.a[k][x].
 struct CubicTaps {
   int* i[4] = {};
   float* a[4] = {};
 };
-void cubic_weights(double t, double* wt) {
-  const double A = -0.75;
-  auto near = [A](double d) { return ((A + 2) * d - (A + 3)) * d * d + 1; };
-  auto far = [A](double d) { return ((A * d - 5 * A) * d + 8 * A) * d - 4 * A; };
-  wt[0] = far(t + 1);
-  wt[1] = near(t);
-  wt[2] = near(1 - t);
-  wt[3] = far(2 - t);
-}
-int cubic_tap(int r, int factor, double* wt) {  // the first tap's index; wt[4] its weights
-  const double src = (r + 0.5) / factor - 0.5;
-  const double lo = std::floor(src);
-  cubic_weights(src - lo, wt);
-  return static_cast<int>(lo) - 1;
-}
 void make_cubic_taps(CubicTaps& t, int n_in, int n_out, int factor, int n_alloc) {
   for (int i = 0; i < n_alloc; ++i) {
-    double wt[4];
-    const int first = cubic_tap(imin(i, n_out - 1), factor, wt);  // chunk tails repeat the last
+    int idx[4];
+    float wt[4];
+    cubic_taps(imin(i, n_out - 1), factor, n_in, idx, wt);  // chunk tails repeat the last
     for (int k = 0; k < 4; ++k) {
-      t.i[k][i] = clampi(first + k, 0, n_in - 1);
-      t.a[k][i] = static_cast<float>(wt[k]);
+      t.i[k][i] = idx[k];
+      t.a[k][i] = wt[k];
     }
   }
 }
 void cubic_vertical_row(const float* y, int C, int h, int w, int factor, int r, float* dst) {
-  double wt[4];
-  const int first = cubic_tap(r, factor, wt);
+  int idx[4];
+  float a[4];
+  cubic_taps(r, factor, h, idx, a);
   for (int c = 0; c < C; ++c) {
     const float* rows[4];
-    for (int k = 0; k < 4; ++k) rows[k] = y + (static_cast<size_t>(c) * h + clampi(first + k, 0, h - 1)) * w;
-    const float a0 = static_cast<float>(wt[0]), a1 = static_cast<float>(wt[1]);
-    const float a2 = static_cast<float>(wt[2]), a3 = static_cast<float>(wt[3]);
+    for (int k = 0; k < 4; ++k) rows[k] = y + (static_cast<size_t>(c) * h + idx[k]) * w;
     float* d = dst + static_cast<size_t>(c) * w;
-    for (int x = 0; x < w; ++x) d[x] = rows[0][x] * a0 + rows[1][x] * a1 + rows[2][x] * a2 + rows[3][x] * a3;
+    for (int x = 0; x < w; ++x) d[x] = rows[0][x] * a[0] + rows[1][x] * a[1] + rows[2][x] * a[2] + rows[3][x] * a[3];
   }
 }
 inline void cubic_horizontal(const float* __restrict v, const CubicTaps& t, int x0, int n, float* __restrict dst) {

@@ -241,21 +241,10 @@ bool upsample_backward(const float* gy, int C, int h, int w, int factor, int H, 
 }
 
 
-// Bicubic taps of one axis (the reference's `upsample` with kernel "bicubic"): output i reads
-// inputs idx[4i .. 4i+3] (first - 1 .. first + 2, clamped) with weights wt[4i .. 4i+3], the
-// cubic convolution kernel (a = -0.75) at its fraction, computed in double and rounded.
+// Bicubic taps of one axis (`cubic_taps`): output i reads inputs idx[4i .. 4i+3] with weights
+// wt[4i .. 4i+3].
 void cubic_axis_taps(int size, int factor, int out, int* idx, float* wt) {
-  const double A = -0.75;
-  for (int i = 0; i < out; ++i) {
-    const double src = (i + 0.5) / factor - 0.5, lo = std::floor(src), t = src - lo;
-    const double d[4] = {t + 1, t, 1 - t, 2 - t};
-    for (int k = 0; k < 4; ++k) {
-      const double u = d[k];
-      const double v = (k == 1 || k == 2) ? ((A + 2) * u - (A + 3)) * u * u + 1 : ((A * u - 5 * A) * u + 8 * A) * u - 4 * A;
-      idx[4 * i + k] = clampi(static_cast<int>(lo) - 1 + k, 0, size - 1);
-      wt[4 * i + k] = static_cast<float>(v);
-    }
-  }
+  for (int i = 0; i < out; ++i) cubic_taps(i, factor, size, idx + 4 * i, wt + 4 * i);
 }
 
 struct CubicTaps2D {

@@ -77,7 +77,7 @@ QUALITY_CONFIGS = (
 # seeded noise by a small 1x1 GPP (lower RD cost than coding it, bench/RESULTS.md 7a); at high
 # rates it is transmitted too (on a kodim01 crop at quality 6, 33.9 dB at 2.38 bpp against
 # 28.9 dB at 1.45 bpp: J 1.26e-3 against 1.81e-3). The synthesis upsamples the latents
-# bicubically: about 2% lower RD cost than bilinear at qualities 0, 3 and 6 (bench/RESULTS.md 7t).
+# bicubically: BD-rate -1.4% against bilinear on eight crops (bench/RESULTS.md 7t).
 _HYBRID = ModelConfig(latent_channels=1, coded_scales=6, gpp_hidden=4, synth_upsampling="bicubic")
 HYBRID_CONFIGS = (
     *(replace(_HYBRID, synth_hidden=(12,)) for _ in range(3)),
