@@ -344,10 +344,10 @@ def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monke
     assert not control.needs_probe(99, 100)
 
 
-@pytest.mark.parametrize("upsampling", ["bilinear", "bicubic"])
-def test_latent_footprints_bound_what_a_value_changes(upsampling):
-    """The latent refinement treats moves with disjoint footprints as independent: a coded
-    value must change no output pixel outside its footprint, with either upsampling kernel."""
+@pytest.mark.parametrize(("upsampling", "reach"), [("bilinear", 1), ("bicubic", 2)])
+def test_latent_footprints_bound_what_a_value_changes(upsampling, reach):
+    """The latent refinement treats moves with disjoint footprints as independent: at the
+    kernel's reach, a coded value changes no output pixel outside its footprint."""
     from n2l.encoder import _Refinement
     from n2l.model import ModelConfig, N2LModel
 
@@ -363,7 +363,7 @@ def test_latent_footprints_bound_what_a_value_changes(upsampling):
         base = model(noise)
         for k, latent in enumerate(model.coded):
             name = f"coded.{k}"
-            boxes = _Refinement._footprints(cfg, name, tuple(latent.shape[1:]), (29, 35))
+            boxes = _Refinement._footprints(cfg, name, tuple(latent.shape[1:]), (29, 35), reach)
             for v in (0, latent.numel() // 2, latent.numel() - 1):
                 value = latent.view(-1)[v].item()
                 latent.view(-1)[v] = value + 1.0
