@@ -504,7 +504,8 @@ class _Refinement:
                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(values, directions) of useful moves with disjoint footprints, best first.
 
-        Moves whose output footprints do not overlap add up (their estimates are independent);
+        Moves whose output footprints do not overlap add up (their estimates are independent;
+        nearly so with bicubic upsampling, whose outer taps the footprints leave out);
         those that overlap a better one wait for the next round. With `per_scale`, only moves
         of the same scale must be disjoint: more moves per round, but their sum is less exact.
         Values in `exclude` do not move.

@@ -346,8 +346,8 @@ def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monke
 
 @pytest.mark.parametrize(("upsampling", "reach"), [("bilinear", 1), ("bicubic", 2)])
 def test_latent_footprints_bound_what_a_value_changes(upsampling, reach):
-    """The latent refinement treats moves with disjoint footprints as independent: at the
-    kernel's reach, a coded value changes no output pixel outside its footprint."""
+    """The footprints' geometry: at the kernel's reach, a coded value changes no output pixel
+    outside its footprint (the refinement ranks moves at reach 1, bicubic's main lobe)."""
     from n2l.encoder import _Refinement
     from n2l.model import ModelConfig, N2LModel
 
