@@ -1,21 +1,24 @@
 """The n2l bitstream: header, seed, per-tensor coding parameters, coded weights, CRC32.
 
-Version 7 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
-significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k), zero-padded to a byte:
+Version 8 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
+significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k; se(k): eg(k) of a signed
+difference from a prediction), zero-padded to a byte:
 
     u15 width-1 | u15 height-1 | u1 rgb | eg0 n_scales-1 | eg0 latent_channels-1
     | eg0 gpp_hidden-1 | u1 gpp_kernel==3 | eg0 gpp_kernel_min_scale | eg0 synth_residual
     | eg0 n_synth_hidden | u8 synth_hidden-1 each | eg0 coded_scales | u1 bicubic synthesis
       upsampling | eg0 seed
-    | per layer tensor: u5 exponent, eg2 max_abs, u8 scale_code+64 (if max_abs)
-    | per coded latent: u5 exponent, eg1 max_abs, and unless max_abs is 0: u2 depth-1, u8
-      scale_code+64 of the first pass, then for each of the 2 x depth others: u8 scale_code+64,
-      eg1 slope, u5 weight
+    | per layer tensor: eg2 max_abs, and unless it is 0: se exponent, se scale_code (predicted
+      from max_abs)
+    | per coded latent: eg1 max_abs, and unless it is 0: eg exponent, u2 depth-1, se scale_code
+      of the first pass (predicted from max_abs), then for each of the 2 x depth others: se
+      scale_code (predicted by the previous pass's), eg slope, the weight (u1 whether 16, else u4)
 
 then the payload (the rest, a multiple of 4 bytes) | crc32 u32 (of every byte before it).
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Older streams are still read: version 6 has no upsampling bit (bilinear), version 5
+first. Older streams are still read: version 7 has fixed-width coding parameters (u5 exponent
+first, then max_abs; u8 scale_code+64; u5 weight), version 6 has no upsampling bit (bilinear), version 5
 has no depth field either (depth 1), version 4 has version 5's fields byte-aligned (u8, i8
 and LEB128 varints, with an explicit payload length); version 3 codes latents in two checkerboard passes (fields per latent: exponent u8, scale_code
 i8, max_abs varint, pred_scale_code i8, alpha u8), version 2 has fixed-width fields where
@@ -46,8 +49,8 @@ from .weights import (
 )
 
 MAGIC = b"N2L"
-VERSION = 7
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+VERSION = 8
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
@@ -57,6 +60,40 @@ _U8, _I8, _U16, _U32 = (struct.Struct(f) for f in ("<B", "<b", "<H", "<I"))
 MAX_VARINT_BYTES = 5  # enough for any u32
 _SCALE_CODE_MIN = SCALE_CODE_RANGE[0]  # versions 5-7 store scale codes as u8 offsets from it
 _MAX_EG_ZEROS = 32  # longest Exp-Golomb prefix of a valid field (any u32 needs fewer)
+# Version 8 codes each coding parameter as the difference from a prediction, in an Exp-Golomb
+# code of the order that suits its spread (fitted to the first streams of bench/RESULTS.md 7v).
+TENSOR_EXPONENT_GUESS, TENSOR_EXPONENT_ORDER = 6, 1
+TENSOR_SCALE_OFFSET, TENSOR_SCALE_ORDER = -12, 3  # scale_code - (scale_guess(max_abs) + offset)
+LATENT_EXPONENT_ORDER = 0  # the exponent itself (latent steps are coarse)
+LATENT_SCALE_OFFSET, LATENT_SCALE_ORDER = -23, 3
+PASS_SCALE_ORDER = 3  # a predicted pass's scale_code minus the previous pass's
+SLOPE_ORDER = 1
+
+
+def scale_guess(max_abs: int) -> int:
+    """8 x log2(max_abs), interpolated linearly between powers of two and floored (integers
+    only): the version-8 prediction of a Laplace scale code from the largest magnitude."""
+    n = max_abs.bit_length()
+    return 8 * (n - 1) + ((max_abs << 3) >> (n - 1)) - 8
+
+
+def latent_header_bits(code: LatentCode) -> int:
+    """Header bits of a latent's pass models (scale codes, slopes, weights) in version 8."""
+    first, *rest = code.passes
+    bits = _eg_bits(LATENT_SCALE_ORDER, _signed(first.scale_code - scale_guess(code.max_abs) - LATENT_SCALE_OFFSET))
+    for before, pc in zip(code.passes, rest):
+        bits += _eg_bits(PASS_SCALE_ORDER, _signed(pc.scale_code - before.scale_code))
+        bits += _eg_bits(SLOPE_ORDER, pc.slope) + (1 if pc.weight == WEIGHT_ONE else 5)
+    return bits
+
+
+def _signed(v: int) -> int:
+    """The non-negative code of a signed difference: 0, 1, -1, 2, -2 ... -> 0, 1, 2, 3, 4 ..."""
+    return 2 * v - 1 if v > 0 else -2 * v
+
+
+def _eg_bits(k: int, v: int) -> int:
+    return 2 * (v + (1 << k)).bit_length() - k - 1
 
 
 def varint(n: int) -> bytes:
@@ -103,7 +140,7 @@ def tensor_shapes(config: ModelConfig, height: int, width: int) -> list[tuple[in
 
 
 class _BitWriter:
-    """Bits, most significant first (the header of versions 5-7)."""
+    """Bits, most significant first (the header of versions 5-8)."""
 
     def __init__(self) -> None:
         self.value, self.n = 0, 0
@@ -119,6 +156,10 @@ class _BitWriter:
         they have bits beyond k + 1."""
         v += 1 << k
         self.u(2 * v.bit_length() - k - 1, v)
+
+    def se(self, k: int, v: int) -> None:
+        """A signed integer as eg(k) of its code 0, 1, -1, 2, -2 -> 0, 1, 2, 3, 4 ..."""
+        self.eg(k, _signed(v))
 
     def to_bytes(self) -> bytes:
         """Zero bits pad the last byte."""
@@ -146,23 +187,26 @@ def write(header: Header, payload: bytes) -> bytes:
     w.u(1, cfg.synth_upsampling == "bicubic")
     w.eg(0, header.seed)
     for code in header.codes:
-        w.u(5, code.exponent)
         if not isinstance(code, LatentCode):
             w.eg(2, code.max_abs)
             if code.max_abs:
-                w.u(8, code.scale_code - _SCALE_CODE_MIN)
+                w.se(TENSOR_EXPONENT_ORDER, code.exponent - TENSOR_EXPONENT_GUESS)
+                w.se(TENSOR_SCALE_ORDER, code.scale_code - scale_guess(code.max_abs) - TENSOR_SCALE_OFFSET)
             continue
         if code.max_abs and not 1 <= code.depth <= MAX_DEPTH:
             raise ValueError(f"latents coded in {len(code.passes)} passes cannot be written as version {VERSION}")
         w.eg(1, code.max_abs)
         if code.max_abs:
-            a, *predicted = code.passes
+            first, *predicted = code.passes
+            w.eg(LATENT_EXPONENT_ORDER, code.exponent)
             w.u(2, code.depth - 1)
-            w.u(8, a.scale_code - _SCALE_CODE_MIN)
-            for pc in predicted:
-                w.u(8, pc.scale_code - _SCALE_CODE_MIN)
-                w.eg(1, pc.slope)
-                w.u(5, pc.weight)
+            w.se(LATENT_SCALE_ORDER, first.scale_code - scale_guess(code.max_abs) - LATENT_SCALE_OFFSET)
+            for before, pc in zip(code.passes, predicted):
+                w.se(PASS_SCALE_ORDER, pc.scale_code - before.scale_code)
+                w.eg(SLOPE_ORDER, pc.slope)
+                w.u(1, pc.weight == WEIGHT_ONE)
+                if pc.weight != WEIGHT_ONE:
+                    w.u(4, pc.weight)
     out = MAGIC + _U8.pack(VERSION) + w.to_bytes() + payload
     return out + _U32.pack(zlib.crc32(out))
 
@@ -223,6 +267,11 @@ class _BitReader:
         _check(value <= limit, f"{what} {value} out of range (at most {limit})")
         return value
 
+    def se(self, k: int, what: str) -> int:
+        """A signed difference written by `_BitWriter.se`; the caller validates the sum."""
+        v = self.eg(k, what, 2**16)
+        return (v + 1) // 2 if v % 2 else -(v // 2)
+
     def byte_align(self) -> int:
         """Skip the zero padding to the next byte; returns that byte's offset."""
         pad = -self.bit % 8
@@ -250,6 +299,9 @@ def _config(width: int, height: int, channels: int, synth_hidden: tuple[int, ...
     _check(n_coded <= MAX_CODED_ELEMENTS,
            f"{n_coded} transmitted latent values exceed this decoder's limit of {MAX_CODED_ELEMENTS}")
     return config
+
+
+_ZERO_TENSOR, _ZERO_LATENT = TensorCode(0, 0, 0), LatentCode(0, 0, (PassCode(0),) * 3)  # codes of all-zero tensors
 
 
 def _read_byte_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, int, list]:
@@ -285,6 +337,8 @@ def _read_byte_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, 
                 passes += [PassCode(r.one(_I8, what), r.one(_U8, what), r.one(_U8, what)) for _ in range(2)]
             codes.append(LatentCode(exponent, max_abs, tuple(passes)))
         _check_code(i, codes[-1])
+        if not codes[-1].max_abs:  # a zero tensor's other fields carry nothing
+            codes[-1] = _ZERO_TENSOR if i < n_layer_tensors else _ZERO_LATENT
     payload_len = r.unsigned(version, _U32, "payload length")
     remaining = len(r.buf) - r.pos
     _check(payload_len + 4 <= remaining,
@@ -295,7 +349,7 @@ def _read_byte_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, 
 
 
 def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, int, list]:
-    """Versions 5-7: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
+    """Versions 5-8: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
     b = _BitReader(r.buf[: max(r.pos, len(r.buf) - 4)], r.pos)  # the header ends before the CRC
     width, height = b.u(15, "width") + 1, b.u(15, "height") + 1
     channels = 3 if b.u(1, "channels") else 1
@@ -313,22 +367,9 @@ def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, i
     seed = b.eg(0, "seed", 2**32 - 1)
     codes = []
     n_layer_tensors = 2 * len(config.layer_shapes())
+    read_code = _read_code_v8 if version >= 8 else _read_code_v5
     for i in range(n_layer_tensors + config.coded_scales):
-        what = f"coding parameters of tensor {i}"
-        exponent = b.u(5, what)
-        if i < n_layer_tensors:
-            max_abs = b.eg(2, f"tensor {i}: max_abs", MAX_ABS)
-            scale_code = b.u(8, what) + _SCALE_CODE_MIN if max_abs else 0
-            codes.append(TensorCode(exponent, scale_code, max_abs))
-        else:
-            max_abs = b.eg(1, f"tensor {i}: max_abs", MAX_ABS)
-            passes = [PassCode(0), PassCode(0), PassCode(0)]
-            if max_abs:
-                depth = b.u(2, what) + 1 if version >= 6 else 1
-                passes = [PassCode(b.u(8, what) + _SCALE_CODE_MIN)]
-                passes += [PassCode(b.u(8, what) + _SCALE_CODE_MIN, b.eg(1, f"tensor {i}: slope", MAX_SLOPE),
-                                    b.u(5, what)) for _ in range(2 * depth)]  # fmt: skip
-            codes.append(LatentCode(exponent, max_abs, tuple(passes)))
+        codes.append(read_code(b, i, i < n_layer_tensors, version))
         _check_code(i, codes[-1])
     r.pos = b.byte_align()
     payload_len = len(r.buf) - 4 - r.pos
@@ -336,9 +377,48 @@ def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, i
     return width, height, config, seed, codes
 
 
+def _read_code_v8(b: _BitReader, i: int, layer: bool, version: int) -> TensorCode | LatentCode:
+    what = f"coding parameters of tensor {i}"
+    if layer:
+        max_abs = b.eg(2, f"tensor {i}: max_abs", MAX_ABS)
+        if not max_abs:
+            return _ZERO_TENSOR
+        exponent = b.se(TENSOR_EXPONENT_ORDER, what) + TENSOR_EXPONENT_GUESS
+        return TensorCode(exponent, b.se(TENSOR_SCALE_ORDER, what) + scale_guess(max_abs) + TENSOR_SCALE_OFFSET, max_abs)
+    max_abs = b.eg(1, f"tensor {i}: max_abs", MAX_ABS)
+    if not max_abs:
+        return _ZERO_LATENT
+    exponent = b.eg(LATENT_EXPONENT_ORDER, f"tensor {i}: exponent", MAX_EXPONENT)
+    depth = b.u(2, what) + 1
+    passes = [PassCode(b.se(LATENT_SCALE_ORDER, what) + scale_guess(max_abs) + LATENT_SCALE_OFFSET)]
+    for _ in range(2 * depth):
+        scale_code = passes[-1].scale_code + b.se(PASS_SCALE_ORDER, what)
+        slope = b.eg(SLOPE_ORDER, f"tensor {i}: slope", MAX_SLOPE)
+        passes.append(PassCode(scale_code, slope, WEIGHT_ONE if b.u(1, what) else b.u(4, what)))
+    return LatentCode(exponent, max_abs, tuple(passes))
+
+
+def _read_code_v5(b: _BitReader, i: int, layer: bool, version: int) -> TensorCode | LatentCode:
+    """Versions 5-7: fixed-width exponents, scale codes and weights."""
+    what = f"coding parameters of tensor {i}"
+    exponent = b.u(5, what)
+    _check(exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {exponent} outside 0..{MAX_EXPONENT}")
+    if layer:
+        max_abs = b.eg(2, f"tensor {i}: max_abs", MAX_ABS)
+        return TensorCode(exponent, b.u(8, what) + _SCALE_CODE_MIN, max_abs) if max_abs else _ZERO_TENSOR
+    max_abs = b.eg(1, f"tensor {i}: max_abs", MAX_ABS)
+    if not max_abs:
+        return _ZERO_LATENT
+    depth = b.u(2, what) + 1 if version >= 6 else 1
+    passes = [PassCode(b.u(8, what) + _SCALE_CODE_MIN)]
+    passes += [PassCode(b.u(8, what) + _SCALE_CODE_MIN, b.eg(1, f"tensor {i}: slope", MAX_SLOPE),
+                        b.u(5, what)) for _ in range(2 * depth)]  # fmt: skip
+    return LatentCode(exponent, max_abs, tuple(passes))
+
+
 def _check_code(i: int, code: TensorCode | LatentCode) -> None:
     lo, hi = SCALE_CODE_RANGE
-    _check(code.exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {code.exponent} > {MAX_EXPONENT}")
+    _check(0 <= code.exponent <= MAX_EXPONENT, f"tensor {i}: step exponent {code.exponent} outside 0..{MAX_EXPONENT}")
     for pc in code.passes if isinstance(code, LatentCode) else [PassCode(code.scale_code)]:
         _check(lo <= pc.scale_code <= hi, f"tensor {i}: Laplace scale code {pc.scale_code} outside {lo}..{hi}")
         _check(pc.slope <= MAX_SLOPE, f"tensor {i}: context slope {pc.slope} > {MAX_SLOPE}")

@@ -355,13 +355,18 @@ def fit_latent(q: np.ndarray, exponent: int, depth: int | None = None) -> Latent
     least."""
     max_abs = int(np.abs(q).max()) if q.size else 0
     if not max_abs:  # nothing coded: the form a reader returns
-        return LatentCode(exponent, 0, (PassCode(0),) * 3)
+        return LatentCode(0, 0, (PassCode(0),) * 3)
     deepest = min(MAX_DEPTH, max(1, (max(q.shape[1:]) - 1).bit_length()))  # deeper: the same first pass
     scanned = {}  # depth -> [(values, context, (model, estimated bits))] per pass
     for d in [depth] if depth else range(1, deepest + 1):
         passes = [(q[:, ys, xs].ravel(), context) for ys, xs, *context in _pass_models(q, 1 + 2 * d)]
         scanned[d] = [(v, c, _scan_pass(v, *c) if v.size else (PassCode(0), 0.0)) for v, c in passes]
-    best = min(scanned.values(), key=lambda ps: sum(b for *_, (_, b) in ps) + _header_bits([m for *_, (m, _) in ps]))
+    from .bitstream import latent_header_bits  # (bitstream imports this module)
+
+    def bits(ps: list) -> float:
+        return sum(b for *_, (_, b) in ps) + latent_header_bits(LatentCode(exponent, max_abs, tuple(m for *_, (m, _) in ps)))
+
+    best = min(scanned.values(), key=bits)
     return LatentCode(exponent, max_abs, tuple(_refine_pass(m, v, *c, max_abs) if v.size else m for v, c, (m, _) in best))
 
 
@@ -373,15 +378,9 @@ def fit_code(q: np.ndarray, exponent: int, latent: bool = False, depth: int | No
         return fit_latent(q, exponent, depth)
     max_abs = int(np.abs(q).max()) if q.size else 0
     if max_abs == 0:
-        return TensorCode(exponent, 0, 0)
+        return TensorCode(0, 0, 0)
     scale = _best_scale_code(q, 0.0, lambda c: _bits_under(q, TensorCode(exponent, c, max_abs)))
     return TensorCode(exponent, scale, max_abs)
-
-
-def _header_bits(passes: list[PassCode]) -> int:
-    """Header bits of a latent's pass models as format 6 writes them (docs/FORMAT.md): the first
-    pass's u8 scale code, then per pass u8 scale code, eg1 slope and u5 weight."""
-    return 8 + sum(8 + 2 * (pc.slope + 2).bit_length() - 2 + 5 for pc in passes[1:])
 
 
 def tensor_bits(q: np.ndarray, code: TensorCode) -> float:

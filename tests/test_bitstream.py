@@ -86,12 +86,12 @@ def test_golden_hybrid_file():
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == golden.with_suffix(".sha256").read_text().split()[0]
 
 
-@pytest.mark.parametrize("version,growth", [(4, -30), (5, 2)])
+@pytest.mark.parametrize("version,growth", [(4, -40), (5, -5), (7, -10)])
 def test_golden_hybrid_files_of_earlier_versions(version, growth):
-    """Committed hybrid streams of versions 4 (byte-aligned header) and 5 (bit-packed, no depth
-    field), with the same tensors, written again as the current version: the same tensors and
-    payload, the same pixels; version 4's header shrinks, version 5's gains a 2-bit depth per
-    coded latent."""
+    """Committed hybrid streams of versions 4 (byte-aligned header), 5 (bit-packed, no depth
+    field) and 7 (fixed-width coding parameters), with the same tensors, written again as the
+    current version: the same tensors and payload, the same pixels, and a smaller header
+    (version 8 predicts the coding parameters; version 5 lacks a 2-bit depth per coded latent)."""
     buf = GOLDEN.with_name(f"golden_v{version}_hybrid.n2l").read_bytes()
     assert buf[3] == version
     again = _assert_rewrites_to_current_version(buf)
@@ -151,22 +151,23 @@ def test_corrupted_payload_with_valid_crc_never_crashes(tiny_stream):
 
 
 def _bit_header(fields: list[tuple[str, int, int]], version: int = 6) -> bytes:
-    """A bit-packed header (versions 5-6: no upsampling bit) from (kind, k or bits, value) fields ("u" or "eg"), padded, with a CRC:
+    """A bit-packed header (versions 5-6: no upsampling bit) from (kind, k or bits, value) fields ("u", "eg" or "se"), padded, with a CRC:
     bytes the writer refuses to produce."""
     w = bitstream._BitWriter()
     for kind, n, value in fields:
-        w.u(n, value) if kind == "u" else w.eg(n, value)
+        getattr(w, kind)(n, value)
     return _with_crc(bitstream.MAGIC + bytes([version]) + w.to_bytes())
 
 
-def _fields(width=12, height=10, n_scales=7, hidden=(8,), coded=0, codes=()) -> list[tuple[str, int, int]]:
-    """Header fields (docs/FORMAT.md, versions 5-6) of an RGB image, 2 latent channels, GPP 8 wide
-    with 3x3 kernels from scale 2, no residual layers and seed 0; then `codes`."""
+def _fields(width=12, height=10, n_scales=7, hidden=(8,), coded=0, codes=(), version=6) -> list[tuple[str, int, int]]:
+    """Header fields (docs/FORMAT.md) of an RGB image, 2 latent channels, GPP 8 wide with 3x3
+    kernels from scale 2, no residual layers, bilinear upsampling (from version 7) and seed 0;
+    then `codes`."""
     return [
         ("u", 15, width - 1), ("u", 15, height - 1), ("u", 1, 1),
         ("eg", 0, n_scales - 1), ("eg", 0, 1), ("eg", 0, 7), ("u", 1, 1),
         ("eg", 0, 2), ("eg", 0, 0), ("eg", 0, len(hidden)), *(("u", 8, h - 1) for h in hidden),
-        ("eg", 0, coded), ("eg", 0, 0), *codes,
+        ("eg", 0, coded), *((("u", 1, 0),) if version >= 7 else ()), ("eg", 0, 0), *codes,
     ]  # fmt: skip
 
 
@@ -208,6 +209,18 @@ def test_bad_latent_fields():
         bitstream.read(_bit_header(base + latent + [("eg", 1, 33)]))
     with pytest.raises(FormatError, match="prediction weight 17"):
         bitstream.read(_bit_header(base + latent + [("eg", 1, 2), ("u", 5, 17), ("u", 8, 64), ("eg", 1, 0), ("u", 5, 0)]))
+
+
+@pytest.mark.parametrize("code,message", [
+    ([("eg", 2, 3), ("se", 1, -7), ("se", 3, 0)], "step exponent -1 outside"),  # the guess is 6
+    ([("eg", 2, 3), ("se", 1, 19), ("se", 3, 0)], "step exponent 25 outside"),
+    ([("eg", 2, 3), ("se", 1, 0), ("se", 3, 200)], "scale code 200 outside"),  # the guess from max_abs 3 is 12 - 12
+])
+def test_bad_version8_coding_parameters(code, message):
+    """Version 8 codes exponents and scale codes as differences from predictions: their sums
+    are range-checked like the fixed-width fields of earlier versions."""
+    with pytest.raises(FormatError, match=message):
+        bitstream.read(_bit_header(_fields(codes=code, version=8), 8))
 
 
 def test_nonzero_padding_rejected(tiny_stream):
