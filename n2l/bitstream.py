@@ -61,7 +61,8 @@ MAX_VARINT_BYTES = 5  # enough for any u32
 _SCALE_CODE_MIN = SCALE_CODE_RANGE[0]  # versions 5-7 store scale codes as u8 offsets from it
 _MAX_EG_ZEROS = 32  # longest Exp-Golomb prefix of a valid field (any u32 needs fewer)
 # Version 8 codes each coding parameter as the difference from a prediction, in an Exp-Golomb
-# code of the order that suits its spread (fitted to the first streams of bench/RESULTS.md 7v).
+# code of the order that suits its spread (chosen on two quality-0 streams of bench/RESULTS.md 7v's
+# eval and the test streams; a byte either way at most).
 TENSOR_EXPONENT_GUESS, TENSOR_EXPONENT_ORDER = 6, 1
 TENSOR_SCALE_OFFSET, TENSOR_SCALE_ORDER = -12, 3  # scale_code - (scale_guess(max_abs) + offset)
 LATENT_EXPONENT_ORDER = 0  # the exponent itself (latent steps are coarse)
@@ -79,21 +80,14 @@ def scale_guess(max_abs: int) -> int:
 
 def latent_header_bits(code: LatentCode) -> int:
     """Header bits of a latent's pass models (scale codes, slopes, weights) in version 8."""
-    first, *rest = code.passes
-    bits = _eg_bits(LATENT_SCALE_ORDER, _signed(first.scale_code - scale_guess(code.max_abs) - LATENT_SCALE_OFFSET))
-    for before, pc in zip(code.passes, rest):
-        bits += _eg_bits(PASS_SCALE_ORDER, _signed(pc.scale_code - before.scale_code))
-        bits += _eg_bits(SLOPE_ORDER, pc.slope) + (1 if pc.weight == WEIGHT_ONE else 5)
-    return bits
+    w = _BitWriter()
+    _write_pass_models(w, code)
+    return w.n
 
 
 def _signed(v: int) -> int:
     """The non-negative code of a signed difference: 0, 1, -1, 2, -2 ... -> 0, 1, 2, 3, 4 ..."""
     return 2 * v - 1 if v > 0 else -2 * v
-
-
-def _eg_bits(k: int, v: int) -> int:
-    return 2 * (v + (1 << k)).bit_length() - k - 1
 
 
 def varint(n: int) -> bytes:
@@ -167,6 +161,18 @@ class _BitWriter:
         return (self.value << pad).to_bytes((self.n + pad) // 8, "big")
 
 
+def _write_pass_models(w: _BitWriter, code: LatentCode) -> None:
+    """A coded latent's pass models: the first pass's scale code, then each other pass's."""
+    first, *predicted = code.passes
+    w.se(LATENT_SCALE_ORDER, first.scale_code - scale_guess(code.max_abs) - LATENT_SCALE_OFFSET)
+    for before, pc in zip(code.passes, predicted):
+        w.se(PASS_SCALE_ORDER, pc.scale_code - before.scale_code)
+        w.eg(SLOPE_ORDER, pc.slope)
+        w.u(1, pc.weight == WEIGHT_ONE)
+        if pc.weight != WEIGHT_ONE:
+            w.u(4, pc.weight)
+
+
 def write(header: Header, payload: bytes) -> bytes:
     """Serialize a header and its payload into a complete bitstream (current version)."""
     cfg = header.config
@@ -197,16 +203,9 @@ def write(header: Header, payload: bytes) -> bytes:
             raise ValueError(f"latents coded in {len(code.passes)} passes cannot be written as version {VERSION}")
         w.eg(1, code.max_abs)
         if code.max_abs:
-            first, *predicted = code.passes
             w.eg(LATENT_EXPONENT_ORDER, code.exponent)
             w.u(2, code.depth - 1)
-            w.se(LATENT_SCALE_ORDER, first.scale_code - scale_guess(code.max_abs) - LATENT_SCALE_OFFSET)
-            for before, pc in zip(code.passes, predicted):
-                w.se(PASS_SCALE_ORDER, pc.scale_code - before.scale_code)
-                w.eg(SLOPE_ORDER, pc.slope)
-                w.u(1, pc.weight == WEIGHT_ONE)
-                if pc.weight != WEIGHT_ONE:
-                    w.u(4, pc.weight)
+            _write_pass_models(w, code)
     out = MAGIC + _U8.pack(VERSION) + w.to_bytes() + payload
     return out + _U32.pack(zlib.crc32(out))
 

@@ -151,7 +151,7 @@ def test_corrupted_payload_with_valid_crc_never_crashes(tiny_stream):
 
 
 def _bit_header(fields: list[tuple[str, int, int]], version: int = 6) -> bytes:
-    """A bit-packed header (versions 5-6: no upsampling bit) from (kind, k or bits, value) fields ("u", "eg" or "se"), padded, with a CRC:
+    """A bit-packed header of `version` from (kind, k or bits, value) fields ("u", "eg" or "se"), padded, with a CRC:
     bytes the writer refuses to produce."""
     w = bitstream._BitWriter()
     for kind, n, value in fields:
