@@ -1,6 +1,6 @@
 """RD evaluation on center 256x256 crops of 8 Kodak images (CPU), via `n2l eval`.
 
-    python bench/eval_kodak.py                      # the full run (slow on CPU)
+    python bench/eval_kodak.py --jobs 2             # the full run (slow on CPU), two encodes at a time
     python bench/eval_kodak.py --images 2 --qualities 2 6 --iterations 50   # a smoke run
 
 Writes bench/results/eval_kodak_crops/ (summary.md, results.tsv, json/, rd.png, cache.jsonl);

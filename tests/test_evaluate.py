@@ -143,6 +143,34 @@ def test_eval_cli_with_real_n2l(tmp_path):
         assert by_q["6"] > by_q["2"]
 
 
+def test_eval_jobs_measure_n2l_in_worker_processes(tmp_path, monkeypatch):
+    """--jobs 2: n2l's points come from two worker processes, in order, with the bytes an
+    encode in this process writes (the stream does not depend on the process or its threads)."""
+    import n2l
+    from n2l.evaluate import runner
+
+    pools = []
+
+    class RecordingPool(runner.ProcessPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", RecordingPool)
+    out = tmp_path / "out"
+    rc = main([*map(str, IMAGES), "--qualities", "5", "--iterations", "20", "--codecs", "jpeg",
+               "--jobs", "2", "-o", str(out), "--quiet"])
+    assert rc == 0
+    rows = _read_tsv(out / "results.tsv")
+    assert [(r["codec"], r["image"]) for r in rows if r["codec"] == "n2l"] == [("n2l", p.stem) for p in IMAGES]
+    for r in (r for r in rows if r["codec"] == "n2l"):
+        img = np.asarray(Image.open(DATA / f"{r['image']}.png").convert("RGB"))
+        buf = n2l.encode(img, 5, iterations=20, verbose=False)
+        assert (out / "bitstreams" / f"{r['image']}_q{r['quality']}.n2l").read_bytes() == buf
+    assert pools == [2] and json.loads((out / "run.json").read_text())["jobs"] == 2
+    assert main([*map(str, IMAGES), "--jobs", "0", "-o", str(out), "--quiet"]) == 2
+
+
 def test_unavailable_codec_is_skipped_with_warning(monkeypatch, tmp_path):
     def broken():
         raise ImportError("no such library here")

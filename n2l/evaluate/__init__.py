@@ -1,7 +1,7 @@
 """Rate-distortion evaluation of n2l against classical codecs and published curves (`n2l eval`).
 
     n2l eval IMAGES... [--crop N] [--qualities Q...] [--iterations N] [--preset P]
-             [--device D] [--codecs jpeg,webp,avif,jxl,hevc] -o OUTDIR
+             [--device D] [--jobs N] [--codecs jpeg,webp,avif,jxl,hevc] -o OUTDIR
 
 The core, `evaluate`, takes the codecs as objects (see .codecs.Codec) so tests can inject
 stand-ins; `run_eval` builds the real n2l adapter and the classical codecs from the CLI args.
@@ -50,16 +50,18 @@ def evaluate(
     skipped_codecs: dict[str, str] | None = None,
     keep_bitstreams: Sequence[str] = (REFERENCE,),
     extra_info: dict[str, Any] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Measure every codec on every image, write the report files to `outdir`, return the results.
 
     The codec named "n2l" is the one BD-rates are computed for; the others are its anchors.
+    `jobs` > 1 measures that many n2l points at a time in worker processes (see `run_jobs`).
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     images = load_images(image_paths, crop)
     names = [im.name for im in images]
-    rows = run_jobs(images, codecs, outdir, quiet=quiet, keep_bitstreams=keep_bitstreams)
+    rows = run_jobs(images, codecs, outdir, quiet=quiet, keep_bitstreams=keep_bitstreams, jobs=jobs)
 
     notes: list[str] = []
     msssim_notes = sorted({r["note"] for r in rows if r.get("note") and str(r["note"]).startswith("ms-ssim")})
@@ -171,6 +173,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lmbda", type=float, default=None, help="n2l rate-distortion lambda override")
     parser.add_argument("--seeds", type=int, default=1, help="n2l seeds tried per image (default 1)")
     parser.add_argument("--device", default="cpu", help="torch device for n2l encoding/decoding (default cpu)")
+    parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                        help="n2l encodes side by side, each in its own process on 1/N of the cores (default 1)")
     parser.add_argument("--codecs", default="jpeg,webp,avif,jxl,hevc",
                         help="classical codecs: comma list of jpeg (=jpeg420+jpeg444), "
                              f"{', '.join(CLASSICAL_CODECS)}, all or none (default jpeg,webp,avif,jxl,hevc)")
@@ -189,6 +193,9 @@ def run_eval(args: argparse.Namespace) -> int:
         qualities = _qualities(args.qualities)
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"n2l eval: {e}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"n2l eval: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     if args.preset is not None:
         from ..model import PRESETS
@@ -214,7 +221,8 @@ def run_eval(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         result = evaluate(args.images, codecs, args.outdir, crop=args.crop, quiet=args.quiet,
                           anchors_dir=args.anchors, skipped_codecs=skipped, keep_bitstreams=keep,
-                          extra_info={"argv": sys.argv, "device": args.device})
+                          extra_info={"argv": sys.argv, "device": args.device, "jobs": args.jobs},
+                          jobs=args.jobs)
     if not args.quiet:
         for message in dict.fromkeys(f"warning: {w.category.__name__}: {w.message}" for w in caught):
             print(message, file=sys.stderr)

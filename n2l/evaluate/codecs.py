@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+import n2l
+
 from ..encoder import DEFAULT_MODE
 
 CLASSICAL_CODECS = ("jpeg420", "jpeg444", "webp", "avif", "jxl", "hevc")
@@ -273,7 +275,10 @@ def classical_codecs(names: Sequence[str]) -> tuple[list[FunctionCodec], dict[st
 
 
 class N2LCodec:
-    """n2l through its public API: n2l.encode / n2l.decode / n2l.read_header."""
+    """n2l through its public API: n2l.encode / n2l.decode / n2l.read_header.
+
+    It holds only plain settings, so it pickles: `n2l eval --jobs N` sends it to worker processes.
+    """
 
     name = "n2l"
     quality_label = "quality"
@@ -290,9 +295,6 @@ class N2LCodec:
         device: str = "cpu",
         backend: str = "auto",
     ) -> None:
-        import n2l
-
-        self._n2l = n2l
         self.qualities = tuple(int(q) for q in qualities)
         self.device = device
         self.backend = backend
@@ -311,15 +313,13 @@ class N2LCodec:
         self.versions = {"n2l": str(getattr(n2l, "__version__", "unknown")), "torch": _torch_version()}
 
     def encode(self, img: np.ndarray, quality: float) -> bytes:
-        return bytes(
-            self._n2l.encode(img, int(quality), device=self.device, verbose=False, **self._kwargs)
-        )
+        return bytes(n2l.encode(img, int(quality), device=self.device, verbose=False, **self._kwargs))
 
     def decode(self, buf: bytes) -> np.ndarray:
-        return _as_rgb(self._n2l.decode(buf, device=self.device, backend=self.backend))
+        return _as_rgb(n2l.decode(buf, device=self.device, backend=self.backend))
 
     def info(self, buf: bytes, height: int, width: int) -> dict[str, Any]:
-        header = self._n2l.read_header(buf)
+        header = n2l.read_header(buf)
         try:
             macs = header.config.macs_per_pixel(height, width)
         except TypeError:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +210,13 @@ def measure(
     return row
 
 
+def _worker_threads(threads: int) -> None:
+    """Worker process set-up: its share of the cores (n2l's streams do not depend on it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_jobs(
     images: Sequence[EvalImage],
     codecs: Sequence[Codec],
@@ -213,34 +224,43 @@ def run_jobs(
     *,
     quiet: bool = False,
     keep_bitstreams: Sequence[str] = ("n2l",),
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Measure every (image, codec, quality), reusing OUTDIR/cache.jsonl; one row per point.
 
     Failures become rows with NaN metrics and the error in `note` (they are not cached, so a
     rerun retries them). Bitstreams of codecs named in `keep_bitstreams` go to OUTDIR/bitstreams.
+    With `jobs` > 1, n2l's points (minutes each; the classical codecs take milliseconds and run
+    first, here) are measured `jobs` at a time in worker processes, each on its share of the
+    cores, so their encode times are those of encodes side by side.
     """
     from tqdm.auto import tqdm
 
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     outdir.mkdir(parents=True, exist_ok=True)
     cache = ResultCache(outdir / CACHE_NAME)
     # Fast classical codecs first, n2l (slow to encode) last: partial runs already hold the anchors.
     ordered = sorted(codecs, key=lambda c: c.name == "n2l")
-    jobs = [(img, c, q) for c in ordered for img in images for q in c.qualities]
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(jobs), disable=quiet, desc="eval", unit="pt", file=sys.stderr, dynamic_ncols=True)
+    points = [(img, c, q) for c in ordered for img in images for q in c.qualities]
+    rows: list[dict[str, Any]] = [{} for _ in points]
+    bar = tqdm(total=len(points), disable=quiet, desc="eval", unit="pt", file=sys.stderr, dynamic_ncols=True)
     n_cached = 0
-    for img, codec, q in jobs:
+    pending: list[tuple[int, str, Path | None]] = []  # (index, cache key, bitstream folder)
+    for i, (img, codec, q) in enumerate(points):
         key = job_key(img.sha256, codec, q)
-        bar.set_postfix_str(f"{codec.name} q={_quality_tag(q)} {img.name}", refresh=False)
         cached = cache.get(key)
         if cached is not None:
-            rows.append(_from_cache(cached))
+            rows[i] = _from_cache(cached)
             n_cached += 1
             bar.update(1)
-            continue
-        bdir = outdir / "bitstreams" if codec.name in keep_bitstreams else None
+        else:
+            pending.append((i, key, outdir / "bitstreams" if codec.name in keep_bitstreams else None))
+
+    def finish(i: int, key: str, measured: Callable[[], dict[str, Any]]) -> None:
+        img, codec, q = points[i]
         try:
-            row = measure(img, codec, q, bdir)
+            row = measured()
             row["key"] = key
             cache.add(row)
         except Exception as e:  # noqa: BLE001 - one failed point must not end the run
@@ -249,9 +269,24 @@ def run_jobs(
                        bytes=None, seed=None, device=None, image_sha256=img.sha256, key=key,
                        note=f"FAILED: {type(e).__name__}: {e}")
             bar.write(f"warning: {codec.name} q={q} on {img.name} failed: {e}")
-        rows.append(row)
+        rows[i] = row
         bar.update(1)
+
+    in_workers = [p for p in pending if jobs > 1 and points[p[0]][1].name == "n2l"]
+    for i, key, bdir in (p for p in pending if p not in in_workers):
+        img, codec, q = points[i]
+        bar.set_postfix_str(f"{codec.name} q={_quality_tag(q)} {img.name}", refresh=False)
+        finish(i, key, functools.partial(measure, img, codec, q, bdir))
+    if in_workers:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        bar.set_postfix_str(f"n2l, {jobs} at a time", refresh=False)
+        # spawn: a fork of a process whose OpenMP threads already ran can hang.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_threads, initargs=(threads,)) as pool:
+            futures = {pool.submit(measure, *points[i], bdir): (i, key) for i, key, bdir in in_workers}
+            for future in as_completed(futures):
+                finish(*futures[future], future.result)
     bar.close()
     if not quiet and n_cached:
-        print(f"{n_cached}/{len(jobs)} points reused from {cache.path}", file=sys.stderr)
+        print(f"{n_cached}/{len(points)} points reused from {cache.path}", file=sys.stderr)
     return rows
