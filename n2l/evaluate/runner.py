@@ -230,8 +230,8 @@ def run_jobs(
 
     Failures become rows with NaN metrics and the error in `note` (they are not cached, so a
     rerun retries them). Bitstreams of codecs named in `keep_bitstreams` go to OUTDIR/bitstreams.
-    With `jobs` > 1, n2l's points (minutes each; the classical codecs take milliseconds and run
-    first, here) are measured `jobs` at a time in worker processes, each on its share of the
+    With `jobs` > 1, n2l's points (minutes each; the classical codecs take well under a second
+    and run first, here) are measured `jobs` at a time in worker processes, each on its share of the
     cores, so their encode times are those of encodes side by side.
     """
     from tqdm.auto import tqdm
@@ -278,7 +278,9 @@ def run_jobs(
         bar.set_postfix_str(f"{codec.name} q={_quality_tag(q)} {img.name}", refresh=False)
         finish(i, key, functools.partial(measure, img, codec, q, bdir))
     if in_workers:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # The cores this process may run on (a container's share, not the host's count).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // jobs)
         bar.set_postfix_str(f"n2l, {jobs} at a time", refresh=False)
         # spawn: a fork of a process whose OpenMP threads already ran can hang.
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
