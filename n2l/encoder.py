@@ -87,6 +87,11 @@ HYBRID_CONFIGS = (
     replace(_HYBRID, synth_hidden=(16,), coded_scales=7),
     *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2, coded_scales=7) for _ in range(3)),
 )
+# Levels where neither structure suits every image: against level 4's generated full-resolution
+# latent, a coded one costs 3-11% more RD cost on smooth crops and 1-16% less on textured ones
+# (bench/RESULTS.md 7w). The encoder trains each structure listed here briefly and goes on with
+# the better one (`_trial`); the header says which it is.
+HYBRID_ALTERNATIVES = {4: (replace(HYBRID_CONFIGS[4], coded_scales=7),)}
 MODES = ("pure", "hybrid")
 # Hybrid is the default: about a third of the pure mode's bits at equal PSNR (BD-rate -68%,
 # bench/RESULTS.md 7b); pure, the paper's latent-free design, stays one argument away.
@@ -326,6 +331,13 @@ class _Trainer:
         self.pixels = target.shape[-2] * target.shape[-1]
         self.loss = math.inf
 
+    def use_threads(self, threads: int) -> None:
+        """Run the C++ core's kernels on this many threads from now on (no result changes)."""
+        if isinstance(self.model, _TrainingModel):
+            self.model.threads = threads
+        if self.rate.threads is not None:
+            self.rate.threads = threads
+
     def copy(self) -> _Trainer:
         """An independent copy (network, rate proxy, optimizer state) sharing the target and noise."""
         shared = {id(self.target): self.target, **{id(z): z for z in self.noise if z is not None}}
@@ -347,6 +359,37 @@ class _Trainer:
         self.opt.step()
         self.loss = loss.detach()
         return self.loss, mse.detach(), bpp.detach()
+
+
+TRIAL_AT = (0.08, 0.1, 0.12)  # fractions of the main phase at which `_trial` measures each structure
+
+
+def _trial(trainers: list[_Trainer], schedule, n_main: int, report=None) -> tuple[_Trainer, int]:
+    """Train candidate structures side by side (one thread each) through the first 12% of
+    the main phase and keep the one whose quantized network costs the least MSE + lambda * bpp,
+    summed over TRIAL_AT (one measurement is noisy at the high learning rate). Returns it and
+    the steps it has had: its training goes on as if it had been the only candidate.
+
+    The structures' costs drift apart as training goes on (a coded full-resolution latent's
+    falls behind until the learning rate decays), so an early measurement favours the
+    generated latent; coding it pays mostly on strongly textured images, which it picks out
+    (bench/RESULTS.md 7x)."""
+    checkpoints = sorted({max(1, round(f * n_main)) for f in TRIAL_AT})
+
+    def run(k: int) -> float:
+        trainer, cost = trainers[k], 0.0
+        for it in range(checkpoints[-1]):
+            out = trainer.step(trainer.tc.lr * schedule(it))
+            if report and k == 0:
+                report(*out, it)
+            if it + 1 in checkpoints:
+                quantizer = _Quantizer(trainer)
+                cost += quantizer.cost(quantizer.search(_learned_exponents(trainer), passes=1, reach=2))
+        return cost
+
+    with ThreadPoolExecutor(len(trainers)) as pool:
+        costs = list(pool.map(run, range(len(trainers))))
+    return trainers[costs.index(min(costs))], checkpoints[-1]
 
 
 def _straight_through(params: dict[str, torch.Tensor], exponents: list[int]) -> dict[str, torch.Tensor]:
@@ -978,22 +1021,29 @@ def _polish(quantizer: _Quantizer, exponents: list[int], keep=None, rounds_done:
     return quantizer
 
 
-def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None, mode: str):
+def network_structures(quality: int, mode: str = DEFAULT_MODE, preset_name: str | None = None) -> tuple[ModelConfig, ...]:
+    """The networks `encode` tries at a quality level (several only at a hybrid level with
+    HYBRID_ALTERNATIVES and no preset); it keeps one of them."""
     if not 0 <= quality <= 8:
         raise ValueError(f"quality must be in 0..8, got {quality}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if preset_name:
+        config = preset(preset_name)
+        return (replace(config, coded_scales=config.n_scales) if mode == "hybrid" else config,)
+    if mode == "hybrid":
+        return (HYBRID_CONFIGS[quality], *HYBRID_ALTERNATIVES.get(quality, ()))
+    return (QUALITY_CONFIGS[quality],)
+
+
+def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None,
+             mode: str) -> tuple[float, tuple[ModelConfig, ...]]:
+    """lambda and the networks to try (`config` alone if given)."""
+    configs = network_structures(quality, mode, preset_name)
     lam = QUALITY_LAMBDAS[quality] if lmbda is None else float(lmbda)
     if lam <= 0 or not math.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lmbda}")
-    if config is None:
-        if preset_name:
-            config = preset(preset_name)
-            if mode == "hybrid":
-                config = replace(config, coded_scales=config.n_scales)
-        else:
-            config = (HYBRID_CONFIGS if mode == "hybrid" else QUALITY_CONFIGS)[quality]
-    return lam, config
+    return lam, configs if config is None else (config,)
 
 
 @retain_freed_memory()  # the training steps reuse their freed activations' pages
@@ -1037,8 +1087,8 @@ def encode(
         raise ValueError(f"target_bytes must be positive, got {target_bytes}")
     if target_bytes is not None or target_psnr is not None:
         quality = _quality_for_target(mode, height * width, target_bytes, target_psnr)
-    lam, cfg = _resolve(quality, preset, lmbda, config, mode)
-    cfg = replace(cfg, out_channels=channels)
+    lam, configs = _resolve(quality, preset, lmbda, config, mode)
+    configs = tuple(replace(c, out_channels=channels) for c in configs)
     tc = training or TrainingConfig(iterations=DEFAULT_ITERATIONS[mode][quality], lr=DEFAULT_LR[mode][quality],
                                     coarse_latent_rate=DEFAULT_COARSE_LATENT_RATE[mode][quality])
     if iterations is not None:
@@ -1057,7 +1107,7 @@ def encode(
     threads = torch.get_num_threads()
     share = max(1, threads // seeds)
     on_core = device.type == "cpu" and cpu.unavailable_reason() is None
-    candidate = functools.partial(_encode_seed, target=target, lam=lam, cfg=cfg, tc=tc, target_bytes=target_bytes,
+    candidate = functools.partial(_encode_seed, target=target, lam=lam, configs=configs, tc=tc, target_bytes=target_bytes,
                                   target_psnr=target_psnr, verbose=verbose, several=seeds > 1, threads=share)
     torch.set_num_threads(1 if on_core else share)
     try:
@@ -1076,11 +1126,11 @@ def encode(
     return min(results, key=lambda r: r[1] + lam * 8 * len(r[0]) / pixels)[0]
 
 
-def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: float, cfg: ModelConfig,
-                 tc: TrainingConfig, target_bytes: int | None, target_psnr: float | None,
-                 verbose: bool, several: bool, threads: int) -> tuple[bytes, float]:
-    """One candidate of `encode` (noise seed `seed`, progress bar at `position`): its
-    bitstream and the MSE (on [0, 1]) of its 8-bit decoded image."""
+def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: float,
+                 configs: tuple[ModelConfig, ...], tc: TrainingConfig, target_bytes: int | None,
+                 target_psnr: float | None, verbose: bool, several: bool, threads: int) -> tuple[bytes, float]:
+    """One candidate of `encode` (noise seed `seed`, progress bar at `position`; the best of
+    `configs` by `_trial`): its bitstream and the MSE (on [0, 1]) of its 8-bit decoded image."""
     height, width = target.shape[-2:]
     n_qat = int(tc.iterations * tc.qat_fraction)
     n_main = tc.iterations - n_qat
@@ -1095,15 +1145,24 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
         if verbose and it % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.2e}", psnr=f"{_psnr_from_mse(float(mse)):.2f}", bpp=f"{float(bpp):.3f}")
 
-    trainer = _Trainer(cfg, seed, target, lam, tc, threads)
+    schedule = functools.partial(_lr_factor, total=n_main, warmup=warmup)
+    it = 0
+    if len(configs) == 1:
+        trainer = _Trainer(configs[0], seed, target, lam, tc, threads)
+    else:
+        bar.set_description(f"{name} structures")
+        trainer, it = _trial([_Trainer(c, seed, target, lam, tc, max(1, threads // len(configs))) for c in configs],
+                             schedule, n_main, report)
+        trainer.use_threads(threads)
+        bar.set_description(f"{name} encode")
+    cfg = trainer.model.config
     # Rate control sets lambda from probes of the final stream during the main phase and steers
     # it until 80% of the fine-tuning, then the step search lands on the target.
     control = None
     if target_bytes is not None or target_psnr is not None:
         control = _LambdaControl(trainer, (width, height, cfg), target_bytes, target_psnr, every=25)
-    it = 0
     while it < n_main:
-        report(*trainer.step(tc.lr * _lr_factor(it, n_main, warmup)), it)
+        report(*trainer.step(tc.lr * schedule(it)), it)
         it += 1
         if control and control.needs_probe(it, n_main):
             bar.set_description(f"{name} probe")

@@ -123,6 +123,27 @@ def test_seed_candidates_keep_the_best_single_seed_stream(crop64):
     assert both == min(singles, key=lambda b: _rd_cost(img, b, 3))
 
 
+@pytest.mark.parametrize("crippled_first", [True, False])
+def test_structure_trial_goes_on_with_the_cheaper_network(crop64, monkeypatch, crippled_first):
+    """At a level with alternatives, the encoder trains each network briefly and goes on with
+    the one whose quantized stream costs less, whichever its place: the same bytes as an encode
+    of that network alone."""
+    from dataclasses import replace
+
+    from n2l import encoder
+
+    img = crop64[:32, :32]
+    good = encoder.HYBRID_CONFIGS[3]
+    crippled = replace(good, synth_hidden=(1,), synth_residual=0)  # one hidden unit: a poor image
+    first, second = (crippled, good) if crippled_first else (good, crippled)
+    monkeypatch.setattr(encoder, "HYBRID_CONFIGS", (*encoder.HYBRID_CONFIGS[:3], first, *encoder.HYBRID_CONFIGS[4:]))
+    monkeypatch.setitem(encoder.HYBRID_ALTERNATIVES, 3, (second,))
+    assert encoder.network_structures(3) == (first, second)
+    chosen = n2l.encode(img, 3, iterations=150, verbose=False)
+    assert n2l.read_header(chosen).config == replace(good, out_channels=3)
+    assert chosen == n2l.encode(img, 3, iterations=150, config=good, verbose=False)
+
+
 @pytest.mark.skipif(n2l.cpu.unavailable_reason() is not None, reason="training on the C++ core's kernels")
 @pytest.mark.parametrize("mode", ["hybrid", "pure"])
 def test_cpu_streams_do_not_depend_on_the_thread_count(crop64, mode):

@@ -171,6 +171,19 @@ def test_eval_jobs_measure_n2l_in_worker_processes(tmp_path, monkeypatch):
     assert main([*map(str, IMAGES), "--jobs", "0", "-o", str(out), "--quiet"]) == 2
 
 
+def test_n2l_cache_key_follows_the_networks_tried(monkeypatch):
+    """A change of the networks a level tries (not only of its training) re-keys n2l's rows."""
+    from dataclasses import replace
+
+    from n2l import encoder
+    from n2l.evaluate.codecs import N2LCodec
+
+    before = N2LCodec().settings
+    assert N2LCodec().settings == before
+    monkeypatch.setitem(encoder.HYBRID_ALTERNATIVES, 2, (replace(encoder.HYBRID_CONFIGS[2], coded_scales=7),))
+    assert N2LCodec().settings != before
+
+
 def test_unavailable_codec_is_skipped_with_warning(monkeypatch, tmp_path):
     def broken():
         raise ImportError("no such library here")

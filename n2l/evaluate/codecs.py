@@ -8,18 +8,20 @@ e.g. MAC/pixel). Images are uint8 numpy arrays [H, W, 3].
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 import n2l
 
-from ..encoder import DEFAULT_MODE
+from ..encoder import DEFAULT_MODE, network_structures
 
 CLASSICAL_CODECS = ("jpeg420", "jpeg444", "webp", "avif", "jxl", "hevc")
 # Aliases accepted by --codecs: "jpeg" means both chroma subsamplings.
@@ -308,7 +310,10 @@ class N2LCodec:
             defaults = getattr(encoder, table, {})
             if mode in defaults:  # what this mode really trains with by default, per quality
                 training_defaults[name] = defaults[mode]
+        # The networks tried per quality, as a digest (the full list would swamp the report).
+        structures = json.dumps([[asdict(c) for c in network_structures(q, mode, preset)] for q in range(9)])
         self.settings = {**self._kwargs, "training_defaults": training_defaults,
+                         "structures_sha256": hashlib.sha256(structures.encode()).hexdigest()[:16],
                          "n2l_version": getattr(n2l, "__version__", "unknown")}
         self.versions = {"n2l": str(getattr(n2l, "__version__", "unknown")), "torch": _torch_version()}
 
