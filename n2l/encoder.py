@@ -1,7 +1,9 @@
 """Per-image encoder: overfit an n2l network with a rate-distortion loss, quantize, entropy-code.
 
 Training (loss = MSE + lambda * bits / pixels), for each noise seed (with `seeds` > 1, the
-candidates run side by side on threads and the stream of lowest RD cost is kept):
+candidates run side by side on threads and the stream of lowest RD cost is kept; at a level
+with HYBRID_ALTERNATIVES, each structure first trains through 12% of the main phase and the one
+whose quantized network costs least goes on, `_trial`):
 1. main phase: Adam with linear warm-up and cosine decay; weights (and, in hybrid mode, the
    transmitted latents, which are parameters too) see additive uniform noise of one
    quantization step (a differentiable proxy of rounding); each tensor's rate is its

@@ -203,6 +203,14 @@ def test_hybrid_rate_control_never_exceeds_the_target_size(crop64):
     assert len(buf) <= 600 and n2l.read_header(buf).config.coded_scales > 0
 
 
+def test_rate_control_after_a_structure_trial_stays_under_the_target(crop64):
+    from n2l import encoder
+
+    assert len(encoder.network_structures(encoder._quality_for_target("hybrid", 64 * 64, 350, None))) > 1
+    buf = n2l.encode(crop64, target_bytes=350, iterations=100, verbose=False)
+    assert 0.8 * 350 <= len(buf) <= 350
+
+
 @pytest.mark.parametrize(("target", "raises"), [({"target_bytes": 40}, True), ({"target_bytes": 10**6}, False),
                                                 ({"target_psnr": 3.0}, True), ({"target_psnr": 90.0}, False)])
 def test_rate_control_steers_lambda_toward_the_target(crop64, target, raises):
