@@ -366,11 +366,12 @@ class _Trainer:
 TRIAL_AT = (0.08, 0.1, 0.12)  # fractions of the main phase at which `_trial` measures each structure
 
 
-def _trial(trainers: list[_Trainer], schedule, n_main: int, report=None) -> tuple[_Trainer, int]:
-    """Train candidate structures side by side (one thread each) through the first 12% of
-    the main phase and keep the one whose quantized network costs the least MSE + lambda * bpp,
-    summed over TRIAL_AT (one measurement is noisy at the high learning rate). Returns it and
-    the steps it has had: its training goes on as if it had been the only candidate.
+def _trial(trainers: list[_Trainer], lr_at, n_main: int, report=None) -> tuple[_Trainer, int]:
+    """Train candidate structures side by side, each on its share of the threads, through the
+    first 12% of the main phase (learning rate `lr_at(step)`), and keep the one whose quantized
+    network costs the least MSE + lambda * bpp, summed over TRIAL_AT (one measurement is noisy at
+    the high learning rate). Returns it and the steps it has had: its training goes on as if it
+    had been the only candidate.
 
     The structures' costs drift apart as training goes on (a coded full-resolution latent's
     falls behind until the learning rate decays), so an early measurement favours the
@@ -381,7 +382,7 @@ def _trial(trainers: list[_Trainer], schedule, n_main: int, report=None) -> tupl
     def run(k: int) -> float:
         trainer, cost = trainers[k], 0.0
         for it in range(checkpoints[-1]):
-            out = trainer.step(trainer.tc.lr * schedule(it))
+            out = trainer.step(lr_at(it))
             if report and k == 0:
                 report(*out, it)
             if it + 1 in checkpoints:
@@ -1147,14 +1148,16 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
         if verbose and it % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.2e}", psnr=f"{_psnr_from_mse(float(mse)):.2f}", bpp=f"{float(bpp):.3f}")
 
-    schedule = functools.partial(_lr_factor, total=n_main, warmup=warmup)
+    def lr_at(it: int) -> float:
+        return tc.lr * _lr_factor(it, n_main, warmup)
+
     it = 0
     if len(configs) == 1:
         trainer = _Trainer(configs[0], seed, target, lam, tc, threads)
     else:
         bar.set_description(f"{name} structures")
         trainer, it = _trial([_Trainer(c, seed, target, lam, tc, max(1, threads // len(configs))) for c in configs],
-                             schedule, n_main, report)
+                             lr_at, n_main, report)
         trainer.use_threads(threads)
         bar.set_description(f"{name} encode")
     cfg = trainer.model.config
@@ -1164,7 +1167,7 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
     if target_bytes is not None or target_psnr is not None:
         control = _LambdaControl(trainer, (width, height, cfg), target_bytes, target_psnr, every=25)
     while it < n_main:
-        report(*trainer.step(tc.lr * schedule(it)), it)
+        report(*trainer.step(lr_at(it)), it)
         it += 1
         if control and control.needs_probe(it, n_main):
             bar.set_description(f"{name} probe")
