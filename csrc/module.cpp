@@ -9,8 +9,13 @@
 
 #include <math.h>
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <cstring>
 #include <initializer_list>
 #include <stdexcept>
@@ -54,23 +59,89 @@ const Kernels& active() {
   return *g_active;
 }
 
-// Runs fn(task) for task in [0, n_tasks) on up to `threads` threads (the caller included),
-// handing tasks out in order; returns false if any task failed.
+// Worker threads kept between calls. A training step makes some thirty calls of 0.1-3 ms
+// each; starting threads per call cost about what the second core gained (bench/RESULTS.md 7y).
+// One caller at a time borrows the workers; a caller that finds them busy (candidates trained
+// side by side) runs its tasks itself: no result depends on the number of threads.
+class Pool {
+ public:
+  // Runs fn(task) for task in [0, n_tasks) on the caller and up to `threads` - 1 workers,
+  // handing tasks out in order; returns false if any task failed.
+  template <class F>
+  bool run(int n_tasks, int threads, F&& fn) {
+    std::atomic<int> next{0};
+    std::atomic<bool> ok{true};
+    auto work = [&] {
+      for (int t; (t = next.fetch_add(1)) < n_tasks;)
+        if (!fn(t)) ok = false;
+    };
+    const int helpers = std::max(0, std::min(threads, n_tasks) - 1);
+    std::unique_lock<std::mutex> borrowed(busy_, std::try_to_lock);
+    if (helpers == 0 || !borrowed.owns_lock()) {
+      work();
+      return ok;
+    }
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      const uint64_t seen = generation_.load(std::memory_order_relaxed);  // a new worker waits for the next job
+      while (static_cast<int>(workers_.size()) < helpers)
+        workers_.emplace_back([this, id = workers_.size(), seen] { loop(id, seen); });
+      job_ = work;
+      wanted_ = running_ = helpers;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [&] { return running_ == 0; });
+    job_ = nullptr;
+    return ok;
+  }
+
+ private:
+  void loop(size_t id, uint64_t seen) {
+    for (;;) {
+      // The next call usually comes within a few hundred microseconds: spin before sleeping.
+      for (int i = 0; i < kSpins && generation_.load(std::memory_order_acquire) == seen; ++i) std::this_thread::yield();
+      std::unique_lock<std::mutex> lock(m_);
+      wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      seen = generation_.load(std::memory_order_acquire);
+      if (static_cast<int>(id) >= wanted_) continue;
+      const std::function<void()> job = job_;
+      lock.unlock();
+      job();
+      lock.lock();
+      if (--running_ == 0) done_.notify_one();
+    }
+  }
+
+  static constexpr int kSpins = 20000;
+  std::mutex busy_, m_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;  // never joined: the pool lives as long as the process
+  std::function<void()> job_;
+  std::atomic<uint64_t> generation_{0};
+  int wanted_ = 0, running_ = 0;
+};
+
+Pool* g_pool = nullptr;
+
 template <class F>
 bool parallel_for(int n_tasks, int threads, F&& fn) {
-  std::atomic<int> next{0};
-  std::atomic<bool> ok{true};
-  auto worker = [&] {
-    for (int t; (t = next.fetch_add(1)) < n_tasks;)
-      if (!fn(t)) ok = false;
-  };
-  const int extra = std::max(0, std::min(threads, n_tasks) - 1);
-  std::vector<std::thread> pool;
-  pool.reserve(extra);
-  for (int i = 0; i < extra; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto& th : pool) th.join();
-  return ok;
+  if (threads <= 1 || n_tasks <= 1) {
+    bool ok = true;
+    for (int t = 0; t < n_tasks; ++t) ok = fn(t) && ok;
+    return ok;
+  }
+  static std::once_flag once;
+  // A forked child has none of the parent's workers: it starts a pool of its own.
+  std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; }); });
+  static std::mutex creating;
+  {
+    std::lock_guard<std::mutex> lock(creating);
+    if (g_pool == nullptr) g_pool = new Pool;  // leaked on purpose: workers outlive module teardown
+  }
+  return g_pool->run(n_tasks, threads, fn);
 }
 
 Layer to_layer(const FloatArray& w, const FloatArray& b, int cin, int cout, int k, const std::string& name) {

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "core.h"
 
@@ -339,7 +340,9 @@ void pointwise_chunk(const Layer* layers, int n_layers, vf* act) {
 void load_chunk(const float* x, int channels, int N, int p, vf* out) {
   for (int c = 0; c < channels; ++c) {
     const float* src = x + static_cast<size_t>(c) * N + p;
-    if (p + VL <= N) {
+    if (p >= N) {
+      out[c] = vf{};
+    } else if (p + VL <= N) {
       out[c] = loadu(src);
     } else {
       float t[VL] = {};
@@ -352,7 +355,9 @@ void load_chunk(const float* x, int channels, int N, int p, vf* out) {
 void store_chunk(const vf* v, int channels, int N, int p, float* y) {
   for (int c = 0; c < channels; ++c) {
     float* dst = y + static_cast<size_t>(c) * N + p;
-    if (p + VL <= N) {
+    if (p >= N) {
+      return;
+    } else if (p + VL <= N) {
       storeu(dst, v[c]);
     } else {
       float t[VL];
@@ -379,43 +384,69 @@ bool pointwise(const float* x, int N, const Layer* layers, int n_layers, float* 
   return true;
 }
 
-// Backward of `pointwise` on pixels [p0, p1) (a multiple of VL apart, except at N): gx of
+// Backward of `pointwise` on pixels [p0, p1) (a multiple of kBlock * VL apart, except at N): gx of
 // those pixels, and the parameter gradients of those pixels into grads (overwritten), per
 // layer its weight [cout, cin] then its bias [cout]. The forward is recomputed per chunk.
+// Chunks of kBlock vectors (zeros past N): each weight's gradient is loaded and stored once
+// per chunk rather than once per vector (stores bounded the vector-by-vector loop), summed
+// over the vectors in pixel order, so the result is the same as vector by vector.
+constexpr int kBlock = 4;
+
 bool pointwise_backward(const float* x, const float* gy, int N, const Layer* layers, int n_layers, float* gx,
                         float* grads, int p0, int p1) {
   size_t n_grads = 0;
   for (int l = 0; l < n_layers; ++l) n_grads += static_cast<size_t>(layers[l].cout) * (layers[l].cin + 1);
-  vf* act = alloc_vectors(static_cast<size_t>(n_layers + 1) * kMaxWidth + 2 * kMaxWidth + n_grads);
+  const size_t per_vector = static_cast<size_t>(n_layers + 1) * kMaxWidth;  // activations of one vector
+  vf* act = alloc_vectors(kBlock * per_vector + 3 * kBlock * kMaxWidth + n_grads);
   if (act == nullptr) return false;
-  vf* g = act + (n_layers + 1) * kMaxWidth;  // gradient at the current layer boundary
-  vf* gin = g + kMaxWidth;
-  vf* acc = gin + kMaxWidth;
+  vf* a[kBlock];  // a[v][l * kMaxWidth + i]: activations of vector v
+  for (int v = 0; v < kBlock; ++v) a[v] = act + v * per_vector;
+  vf* g = act + kBlock * per_vector;  // g[i * kBlock + v]: gradient at the current layer boundary
+  vf* gin = g + kBlock * kMaxWidth;
+  vf* io = gin + kBlock * kMaxWidth;  // one vector's channels, for loads and stores
+  vf* acc = io + kBlock * kMaxWidth;
   for (size_t i = 0; i < n_grads; ++i) acc[i] = vf{};
-  for (int p = p0; p < p1; p += VL) {
-    load_chunk(x, layers[0].cin, N, p, act);
-    pointwise_chunk(layers, n_layers, act);
-    load_chunk(gy, layers[n_layers - 1].cout, N, p, g);  // zeros past N: no contribution
+  const int c_in = layers[0].cin, c_out = layers[n_layers - 1].cout;
+  for (int p = p0; p < p1; p += kBlock * VL) {
+    for (int v = 0; v < kBlock; ++v) {
+      load_chunk(x, c_in, N, p + v * VL, a[v]);
+      pointwise_chunk(layers, n_layers, a[v]);
+      load_chunk(gy, c_out, N, p + v * VL, io);  // zeros past N: no contribution
+      for (int o = 0; o < c_out; ++o) g[o * kBlock + v] = io[o];
+    }
     size_t off = n_grads;
     for (int l = n_layers - 1; l >= 0; --l) {
       const Layer& L = layers[l];
-      const vf* in = act + l * kMaxWidth;
+      const size_t in = static_cast<size_t>(l) * kMaxWidth;
       off -= static_cast<size_t>(L.cout) * (L.cin + 1);
       vf* aw = acc + off;
       vf* ab = aw + L.cout * L.cin;
-      for (int i = 0; i < L.cin; ++i) gin[i] = vf{};
       for (int o = 0; o < L.cout; ++o) {
-        const vf go = g[o];
-        ab[o] += go;
-        const float* w = L.w + o * L.cin;
+        const vf* go = g + o * kBlock;
+        vf sb = ab[o];
+        for (int v = 0; v < kBlock; ++v) sb += go[v];
+        ab[o] = sb;
         for (int i = 0; i < L.cin; ++i) {
-          aw[o * L.cin + i] += go * in[i];
-          gin[i] += bcast(w[i]) * go;
+          vf sw = aw[o * L.cin + i];
+          for (int v = 0; v < kBlock; ++v) sw += go[v] * a[v][in + i];
+          aw[o * L.cin + i] = sw;
         }
       }
-      for (int i = 0; i < L.cin; ++i) g[i] = l > 0 ? (in[i] > 0.0f ? gin[i] : vf{}) : gin[i];  // ReLU's mask
+      for (int i = 0; i < L.cin; ++i) {
+        vf s[kBlock] = {};
+        for (int o = 0; o < L.cout; ++o) {
+          const vf w = bcast(L.w[o * L.cin + i]);
+          for (int v = 0; v < kBlock; ++v) s[v] += w * g[o * kBlock + v];
+        }
+        for (int v = 0; v < kBlock; ++v)  // ReLU's mask: the input of a layer l > 0 is a ReLU's output
+          gin[i * kBlock + v] = l > 0 ? (a[v][in + i] > 0.0f ? s[v] : vf{}) : s[v];
+      }
+      std::swap(g, gin);
     }
-    store_chunk(g, layers[0].cin, N, p, gx);
+    for (int v = 0; v < kBlock; ++v) {
+      for (int i = 0; i < c_in; ++i) io[i] = g[i * kBlock + v];
+      store_chunk(io, c_in, N, p + v * VL, gx);
+    }
   }
   for (size_t i = 0; i < n_grads; ++i) grads[i] = lane_sum(acc[i]);
   free(act);

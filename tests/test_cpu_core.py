@@ -339,6 +339,21 @@ def test_training_kernels_do_not_depend_on_the_thread_count() -> None:
             assert torch.equal(a, b)
 
 
+def test_training_kernels_called_from_several_threads_at_once() -> None:
+    """Candidates trained side by side call the core at the same time: one borrows its worker
+    threads, the others run alone, and every call gives the result of a call made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stacks = [_pointwise_inputs((7, 16, 3), 64, 80, seed) for seed in range(4)]
+    run = functools.partial(_value_and_grads, functools.partial(_pointwise, threads=2), seed=3)
+    alone = [run(inputs) for inputs in stacks]
+    for _ in range(5):
+        with ThreadPoolExecutor(len(stacks)) as pool:
+            together = list(pool.map(run, stacks))
+        for a, b in zip(alone, together):
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 @pytest.mark.parametrize("cfg", [ModelConfig(gpp_kernel_min_scale=0, synth_residual=2),
                                  ModelConfig(latent_channels=1, coded_scales=5, gpp_hidden=4, n_scales=6)])
 def test_training_network_matches_the_reference(cfg: ModelConfig) -> None:
