@@ -266,7 +266,7 @@ using OutArray = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
 // Training kernels work in bands of a fixed size, never of the thread count, and their
 // per-band partial sums are added in band order: results do not depend on `threads`.
 constexpr int kTrainBand = 16;         // rows per band of the 3x3 convolution
-constexpr int kPointwiseBand = 4096;   // pixels per band of the 1x1 stacks (a multiple of every vector length)
+constexpr int kPointwiseBand = 4096;   // pixels per band of the 1x1 stacks (a multiple of every block of vectors)
 
 // fn(band, lo, hi) for the bands [lo, hi) of [0, n), on up to `threads` threads without the GIL.
 template <class F>

@@ -33,6 +33,7 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -91,9 +92,11 @@ HYBRID_CONFIGS = (
 )
 # Levels where neither structure suits every image: against level 4's generated full-resolution
 # latent, a coded one costs 3-11% more RD cost on smooth crops and 1-16% less on textured ones
-# (bench/RESULTS.md 7w). The encoder trains each structure listed here briefly and goes on with
-# the better one (`_trial`); the header says which it is.
-HYBRID_ALTERNATIVES = {4: (replace(HYBRID_CONFIGS[4], coded_scales=7),)}
+# (bench/RESULTS.md 7w). The encoder trains each listed level's network briefly, at this level's
+# lambda and learning rate, and goes on with the better one (`_trial`) for that network's own
+# level's iterations; the header says which network it is. Level 6's network (synthesis 24 wide,
+# two residual layers) gains more on textured crops than level 5's (7x, 7y).
+HYBRID_ALTERNATIVES = {4: (6,)}
 MODES = ("pure", "hybrid")
 # Hybrid is the default: about a third of the pure mode's bits at equal PSNR (BD-rate -68%,
 # bench/RESULTS.md 7b); pure, the paper's latent-free design, stays one argument away.
@@ -366,12 +369,14 @@ class _Trainer:
 TRIAL_AT = (0.08, 0.1, 0.12)  # fractions of the main phase at which `_trial` measures each structure
 
 
-def _trial(trainers: list[_Trainer], lr_at, n_main: int, report=None) -> tuple[_Trainer, int]:
+def _trial(trainers: list[_Trainer], n_main: int, lr_at: Callable[[int], float],
+           report=None) -> tuple[_Trainer, int]:
     """Train candidate structures side by side, each on its share of the threads, through the
-    first 12% of the main phase (learning rate `lr_at(step)`), and keep the one whose quantized
-    network costs the least MSE + lambda * bpp, summed over TRIAL_AT (one measurement is noisy at
-    the high learning rate). Returns it and the steps it has had: its training goes on as if it
-    had been the only candidate.
+    first 12% of a main phase of `n_main` steps at the learning rate `lr_at(step)` (the first
+    candidate's schedule for all: their costs compare at equal rates), and keep the one whose
+    quantized network costs the least MSE + lambda * bpp, summed over TRIAL_AT (one measurement
+    is noisy at the high learning rate). Returns it and the steps it has had; it goes on with
+    its own schedule.
 
     The structures' costs drift apart as training goes on (a coded full-resolution latent's
     falls behind until the learning rate decays), so an early measurement favours the
@@ -1024,29 +1029,32 @@ def _polish(quantizer: _Quantizer, exponents: list[int], keep=None, rounds_done:
     return quantizer
 
 
-def network_structures(quality: int, mode: str = DEFAULT_MODE, preset_name: str | None = None) -> tuple[ModelConfig, ...]:
-    """The networks `encode` tries at a quality level (several only at a hybrid level with
-    HYBRID_ALTERNATIVES and no preset); it keeps one of them."""
+def network_structures(quality: int, mode: str = DEFAULT_MODE,
+                       preset_name: str | None = None) -> tuple[tuple[ModelConfig, int], ...]:
+    """The networks `encode` tries at a quality level, each with its default number of training
+    iterations (several networks only at a hybrid level with HYBRID_ALTERNATIVES and no
+    preset); it keeps one of them."""
     if not 0 <= quality <= 8:
         raise ValueError(f"quality must be in 0..8, got {quality}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    iterations = DEFAULT_ITERATIONS[mode]
     if preset_name:
         config = preset(preset_name)
-        return (replace(config, coded_scales=config.n_scales) if mode == "hybrid" else config,)
+        return ((replace(config, coded_scales=config.n_scales) if mode == "hybrid" else config, iterations[quality]),)
     if mode == "hybrid":
-        return (HYBRID_CONFIGS[quality], *HYBRID_ALTERNATIVES.get(quality, ()))
-    return (QUALITY_CONFIGS[quality],)
+        return tuple((HYBRID_CONFIGS[q], iterations[q]) for q in (quality, *HYBRID_ALTERNATIVES.get(quality, ())))
+    return ((QUALITY_CONFIGS[quality], iterations[quality]),)
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None,
-             mode: str) -> tuple[float, tuple[ModelConfig, ...]]:
-    """lambda and the networks to try (`config` alone if given)."""
-    configs = network_structures(quality, mode, preset_name)
+             mode: str) -> tuple[float, tuple[tuple[ModelConfig, int], ...]]:
+    """lambda and the networks to try with their iterations (`config` alone if given)."""
+    structures = network_structures(quality, mode, preset_name)
     lam = QUALITY_LAMBDAS[quality] if lmbda is None else float(lmbda)
     if lam <= 0 or not math.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lmbda}")
-    return lam, configs if config is None else (config,)
+    return lam, structures if config is None else ((config, structures[0][1]),)
 
 
 @retain_freed_memory()  # the training steps reuse their freed activations' pages
@@ -1090,14 +1098,13 @@ def encode(
         raise ValueError(f"target_bytes must be positive, got {target_bytes}")
     if target_bytes is not None or target_psnr is not None:
         quality = _quality_for_target(mode, height * width, target_bytes, target_psnr)
-    lam, configs = _resolve(quality, preset, lmbda, config, mode)
-    configs = tuple(replace(c, out_channels=channels) for c in configs)
-    tc = training or TrainingConfig(iterations=DEFAULT_ITERATIONS[mode][quality], lr=DEFAULT_LR[mode][quality],
-                                    coarse_latent_rate=DEFAULT_COARSE_LATENT_RATE[mode][quality])
-    if iterations is not None:
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations}")
-        tc = replace(tc, iterations=iterations)
+    lam, structures = _resolve(quality, preset, lmbda, config, mode)
+    if iterations is not None and iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    tc = training or TrainingConfig(lr=DEFAULT_LR[mode][quality], coarse_latent_rate=DEFAULT_COARSE_LATENT_RATE[mode][quality])
+    candidates = tuple((replace(c, out_channels=channels),
+                        replace(tc, iterations=iterations or (tc.iterations if training else n)))
+                       for c, n in structures)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     device = torch.device(device)
@@ -1110,7 +1117,7 @@ def encode(
     threads = torch.get_num_threads()
     share = max(1, threads // seeds)
     on_core = device.type == "cpu" and cpu.unavailable_reason() is None
-    candidate = functools.partial(_encode_seed, target=target, lam=lam, configs=configs, tc=tc, target_bytes=target_bytes,
+    candidate = functools.partial(_encode_seed, target=target, lam=lam, candidates=candidates, target_bytes=target_bytes,
                                   target_psnr=target_psnr, verbose=verbose, several=seeds > 1, threads=share)
     torch.set_num_threads(1 if on_core else share)
     try:
@@ -1129,15 +1136,22 @@ def encode(
     return min(results, key=lambda r: r[1] + lam * 8 * len(r[0]) / pixels)[0]
 
 
-def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: float,
-                 configs: tuple[ModelConfig, ...], tc: TrainingConfig, target_bytes: int | None,
-                 target_psnr: float | None, verbose: bool, several: bool, threads: int) -> tuple[bytes, float]:
-    """One candidate of `encode` (noise seed `seed`, progress bar at `position`; the best of
-    `configs` by `_trial`): its bitstream and the MSE (on [0, 1]) of its 8-bit decoded image."""
-    height, width = target.shape[-2:]
+def _schedule(tc: TrainingConfig) -> tuple[int, int, Callable[[int], float]]:
+    """Main-phase and fine-tuning steps of a schedule, and its main phase's learning rate per step."""
     n_qat = int(tc.iterations * tc.qat_fraction)
     n_main = tc.iterations - n_qat
     warmup = max(1, int(n_main * tc.warmup_fraction))
+    return n_main, n_qat, lambda it: tc.lr * _lr_factor(it, n_main, warmup)
+
+
+def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: float,
+                 candidates: tuple[tuple[ModelConfig, TrainingConfig], ...], target_bytes: int | None,
+                 target_psnr: float | None, verbose: bool, several: bool, threads: int) -> tuple[bytes, float]:
+    """One candidate of `encode` (noise seed `seed`, progress bar at `position`; the best of the
+    networks and their schedules in `candidates` by `_trial`): its bitstream and the MSE (on
+    [0, 1]) of its 8-bit decoded image."""
+    height, width = target.shape[-2:]
+    n_main, n_qat, lr_at = _schedule(candidates[0][1])
     name = f"n2l seed {seed}" if several else "n2l"
     bar = tqdm(total=n_main + n_qat, disable=not verbose, unit="it", desc=f"{name} encode", dynamic_ncols=True,
                position=position)
@@ -1148,18 +1162,18 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
         if verbose and it % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.2e}", psnr=f"{_psnr_from_mse(float(mse)):.2f}", bpp=f"{float(bpp):.3f}")
 
-    def lr_at(it: int) -> float:
-        return tc.lr * _lr_factor(it, n_main, warmup)
-
     it = 0
-    if len(configs) == 1:
-        trainer = _Trainer(configs[0], seed, target, lam, tc, threads)
+    if len(candidates) == 1:
+        trainer = _Trainer(candidates[0][0], seed, target, lam, candidates[0][1], threads)
     else:
         bar.set_description(f"{name} structures")
-        trainer, it = _trial([_Trainer(c, seed, target, lam, tc, max(1, threads // len(configs))) for c in configs],
-                             lr_at, n_main, report)
+        share = max(1, threads // len(candidates))
+        trainer, it = _trial([_Trainer(c, seed, target, lam, t, share) for c, t in candidates], n_main, lr_at, report)
         trainer.use_threads(threads)
+        n_main, n_qat, lr_at = _schedule(trainer.tc)
+        bar.total = n_main + n_qat
         bar.set_description(f"{name} encode")
+    tc = trainer.tc
     cfg = trainer.model.config
     # Rate control sets lambda from probes of the final stream during the main phase and steers
     # it until 80% of the fine-tuning, then the step search lands on the target.

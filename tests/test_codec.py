@@ -136,9 +136,9 @@ def test_structure_trial_goes_on_with_the_cheaper_network(crop64, monkeypatch, c
     good = encoder.HYBRID_CONFIGS[3]
     crippled = replace(good, synth_hidden=(1,), synth_residual=0)  # one hidden unit: a poor image
     first, second = (crippled, good) if crippled_first else (good, crippled)
-    monkeypatch.setattr(encoder, "HYBRID_CONFIGS", (*encoder.HYBRID_CONFIGS[:3], first, *encoder.HYBRID_CONFIGS[4:]))
-    monkeypatch.setitem(encoder.HYBRID_ALTERNATIVES, 3, (second,))
-    assert encoder.network_structures(3) == (first, second)
+    monkeypatch.setattr(encoder, "HYBRID_CONFIGS", (*encoder.HYBRID_CONFIGS[:3], first, second, *encoder.HYBRID_CONFIGS[5:]))
+    monkeypatch.setitem(encoder.HYBRID_ALTERNATIVES, 3, (4,))
+    assert [c for c, _ in encoder.network_structures(3)] == [first, second]
     chosen = n2l.encode(img, 3, iterations=150, verbose=False)
     assert n2l.read_header(chosen).config == replace(good, out_channels=3)
     assert chosen == n2l.encode(img, 3, iterations=150, config=good, verbose=False)

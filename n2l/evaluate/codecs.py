@@ -310,8 +310,8 @@ class N2LCodec:
             defaults = getattr(encoder, table, {})
             if mode in defaults:  # what this mode really trains with by default, per quality
                 training_defaults[name] = defaults[mode]
-        # The networks tried per quality, as a digest (the full list would swamp the report).
-        structures = json.dumps([[asdict(c) for c in network_structures(q, mode, preset)] for q in range(9)])
+        # The networks tried per quality and their iterations, as a digest (the full list would swamp the report).
+        structures = json.dumps([[(asdict(c), n) for c, n in network_structures(q, mode, preset)] for q in range(9)])
         self.settings = {**self._kwargs, "training_defaults": training_defaults,
                          "structures_sha256": hashlib.sha256(structures.encode()).hexdigest()[:16],
                          "n2l_version": getattr(n2l, "__version__", "unknown")}
