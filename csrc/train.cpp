@@ -353,11 +353,10 @@ void load_chunk(const float* x, int channels, int N, int p, vf* out) {
 }
 
 void store_chunk(const vf* v, int channels, int N, int p, float* y) {
+  if (p >= N) return;  // a block's vectors past N
   for (int c = 0; c < channels; ++c) {
     float* dst = y + static_cast<size_t>(c) * N + p;
-    if (p >= N) {
-      return;
-    } else if (p + VL <= N) {
+    if (p + VL <= N) {
       storeu(dst, v[c]);
     } else {
       float t[VL];
