@@ -530,6 +530,121 @@ float laplace_bits(const FloatArray& x, const nb::ndarray<const int32_t, nb::ndi
   return static_cast<float>(total);
 }
 
+
+// The encoder's checkerboard rate model (n2l.encoder.checkerboard_residuals) of latents packed
+// as x [C, L], grid g of shapes[g] = (h, w) after the grids before it. Out [C * L], grid by grid:
+// its anchors ((i + j) even) [C, h * w - h * w / 2], then its other values minus alpha_g times
+// the mean of their in-bounds cross neighbours [C, h * w / 2], alpha_g fitted by least squares
+// over the grid and clamped to [0, 1]. The float operations and their order are the torch
+// reference's (out-of-bounds neighbours add a zero, sums run in index order), so the bits and
+// gradients are the same bit for bit (tests/test_cpu_core.py).
+using ShapeArray = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+struct Grids {
+  int C, L, G;
+  const int32_t* hw;
+  template <class Array>
+  Grids(const Array& x, const ShapeArray& shapes, const char* what) {
+    if (x.ndim() != 2 || shapes.shape(1) != 2) throw std::invalid_argument(std::string(what) + ": x [C, L], shapes [G, 2]");
+    C = static_cast<int>(x.shape(0));
+    L = static_cast<int>(x.shape(1));
+    G = static_cast<int>(shapes.shape(0));
+    hw = shapes.data();
+    int64_t total = 0;
+    for (int g = 0; g < G; ++g) {
+      if (hw[2 * g] < 1 || hw[2 * g + 1] < 1) throw std::invalid_argument(std::string(what) + ": empty grid");
+      total += static_cast<int64_t>(hw[2 * g]) * hw[2 * g + 1];
+    }
+    if (total != L) throw std::invalid_argument(std::string(what) + ": the grids do not fill x");
+  }
+};
+
+// In-bounds cross neighbours of (i, j) in an h x w grid, as a float divisor.
+inline float neighbour_count(int i, int j, int h, int w) {
+  return static_cast<float>((i > 0) + (i < h - 1) + (j > 0) + (j < w - 1));
+}
+
+void checkerboard_forward(const FloatArray& x, const ShapeArray& shapes, OutArray out, OutArray alpha) {
+  const Grids grids(x, shapes, "checkerboard_forward");
+  const int C = grids.C, L = grids.L;
+  check_shape(out, {C * L}, "checkerboard_forward: out");
+  check_shape(alpha, {grids.G}, "checkerboard_forward: alpha");
+  std::vector<float> pred;
+  for (int g = 0, offset = 0; g < grids.G; offset += grids.hw[2 * g] * grids.hw[2 * g + 1], ++g) {
+    const int h = grids.hw[2 * g], w = grids.hw[2 * g + 1], n_anchors = h * w - h * w / 2, n_others = h * w / 2;
+    float* anchors = out.data() + static_cast<size_t>(C) * offset;
+    float* others = anchors + static_cast<size_t>(C) * n_anchors;  // the values first, then their residuals
+    pred.resize(static_cast<size_t>(C) * n_others);
+    for (int c = 0; c < C; ++c) {
+      const float* row = x.data() + static_cast<size_t>(c) * L + offset;
+      for (int i = 0, ka = c * n_anchors, ko = c * n_others; i < h; ++i)
+        for (int j = 0; j < w; ++j) {
+          const int p = i * w + j;
+          if ((i + j) % 2 == 0) {
+            anchors[ka++] = row[p];
+            continue;
+          }
+          float sum = 0.0f;  // out-of-bounds neighbours add a zero, as the reference's zero slot does
+          sum += i > 0 ? row[p - w] : 0.0f;
+          sum += i < h - 1 ? row[p + w] : 0.0f;
+          sum += j > 0 ? row[p - 1] : 0.0f;
+          sum += j < w - 1 ? row[p + 1] : 0.0f;
+          others[ko] = row[p];
+          pred[ko++] = sum / neighbour_count(i, j, h, w);
+        }
+    }
+    float fit_vp = 0.0f, fit_pp = 0.0f;  // summed over channels, then in index order like index_add
+    for (int k = 0; k < n_others; ++k) {
+      float vp = 0.0f, pp = 0.0f;
+      for (int c = 0; c < C; ++c) {
+        const float p = pred[static_cast<size_t>(c) * n_others + k];
+        vp += others[static_cast<size_t>(c) * n_others + k] * p;
+        pp += p * p;
+      }
+      fit_vp += vp;
+      fit_pp += pp;
+    }
+    const float a = std::min(1.0f, std::max(0.0f, fit_vp / std::max(fit_pp, 1e-9f)));
+    alpha.data()[g] = a;
+    for (size_t k = 0; k < pred.size(); ++k) others[k] = others[k] - a * pred[k];
+  }
+}
+
+void checkerboard_backward(const FloatArray& gout, const ShapeArray& shapes, const FloatArray& alpha, OutArray gx) {
+  const Grids grids(gx, shapes, "checkerboard_backward");
+  const int C = grids.C, L = grids.L;
+  check_shape(gout, {C * L}, "checkerboard_backward: gout");
+  check_shape(alpha, {grids.G}, "checkerboard_backward: alpha");
+  std::vector<float> to_pred;  // per other value: the gradient it passes to each neighbour
+  for (int g = 0, offset = 0; g < grids.G; offset += grids.hw[2 * g] * grids.hw[2 * g + 1], ++g) {
+    const int h = grids.hw[2 * g], w = grids.hw[2 * g + 1], n_anchors = h * w - h * w / 2, n_others = h * w / 2;
+    const float a = alpha.data()[g];
+    const float* g_anchors = gout.data() + static_cast<size_t>(C) * offset;
+    const float* g_others = g_anchors + static_cast<size_t>(C) * n_anchors;
+    to_pred.assign(static_cast<size_t>(h) * w, 0.0f);
+    for (int c = 0; c < C; ++c) {
+      float* row = gx.data() + static_cast<size_t>(c) * L + offset;
+      for (int i = 0, k = c * n_others; i < h; ++i)
+        for (int j = 1 - i % 2; j < w; j += 2, ++k) {
+          row[i * w + j] = 0.0f + g_others[k];
+          to_pred[i * w + j] = -g_others[k] * a / neighbour_count(i, j, h, w);
+        }
+      // The reference adds an anchor's contributions direction by direction (n2l.weights._CROSS
+      // order): from the value below it, above it, right of it, left of it.
+      for (int i = 0, k = c * n_anchors; i < h; ++i)
+        for (int j = i % 2; j < w; j += 2, ++k) {
+          const int p = i * w + j;
+          float sum = 0.0f;
+          sum += i < h - 1 ? to_pred[p + w] : 0.0f;
+          sum += i > 0 ? to_pred[p - w] : 0.0f;
+          sum += j < w - 1 ? to_pred[p + 1] : 0.0f;
+          sum += j > 0 ? to_pred[p - 1] : 0.0f;
+          row[p] = g_anchors[k] + sum;
+        }
+    }
+  }
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -566,6 +681,11 @@ NB_MODULE(_core, m) {
         nb::arg("threads"),
         "Weighted sum over segments [offsets[k], offsets[k+1]) of x's Laplace bin bits (scale: the\n"
         "segment's mean |x|, at least 1e-3); fills grad [N] with its gradient (training rate proxy).");
+  m.def("checkerboard_forward", &checkerboard_forward, nb::arg("x"), nb::arg("shapes"), nb::arg("out"), nb::arg("alpha"),
+        "The checkerboard rate model's anchors and prediction residuals (out [C * L]) of latent grids\n"
+        "packed in x [C, L] (shapes [G, 2]), and each grid's prediction weight (alpha [G]).");
+  m.def("checkerboard_backward", &checkerboard_backward, nb::arg("gout"), nb::arg("shapes"), nb::arg("alpha"),
+        nb::arg("gx"), "Gradient gx [C, L] of checkerboard_forward's input from that of its output.");
   m.def(
       "isa", [] { return std::string(active().name); }, "The instruction-set variant in use.");
   m.def(

@@ -233,3 +233,35 @@ def laplace_bits(parts: list[torch.Tensor], weights: list[float], threads: int =
         raise ValueError(f"laplace_bits: {offsets[-1]} values exceed the core's int32 indices")
     flat = torch.cat([p.reshape(-1) for p in parts])
     return _LaplaceBits.apply(flat, offsets.astype(np.int32), np.asarray(weights, np.float32), threads)
+
+
+class _Checkerboard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shapes: np.ndarray) -> torch.Tensor:
+        x = x.detach().contiguous()
+        out, alpha = x.new_empty(x.numel()), x.new_empty(len(shapes))
+        _core.checkerboard_forward(x.numpy(), shapes, out.numpy(), alpha.numpy())
+        ctx.shapes, ctx.x_shape = shapes, x.shape
+        ctx.save_for_backward(alpha)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (alpha,) = ctx.saved_tensors
+        gx = g.new_empty(ctx.x_shape)
+        _core.checkerboard_backward(g.contiguous().numpy(), ctx.shapes, alpha.numpy(), gx.numpy())
+        return gx, None
+
+
+def checkerboard_residuals(*latents: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """n2l.encoder.checkerboard_residuals of float32 CPU latents [C, h, w] in one pass, with the
+    same values and gradients bit for bit (C = 1; up to float rounding for C > 1)."""
+    _require_core()
+    c = latents[0].shape[0]
+    shapes = np.array([v.shape[-2:] for v in latents], np.int32)
+    out = _Checkerboard.apply(torch.cat([v.reshape(c, -1) for v in latents], dim=1), shapes)
+    parts = []
+    for (h, w), block in zip(shapes.tolist(), out.split([c * h * w for h, w in shapes.tolist()])):
+        anchors, others = block.split([c * (h * w - h * w // 2), c * (h * w // 2)])
+        parts.append((anchors.view(c, -1), others.view(c, -1)) if others.numel() else (anchors.view(c, -1),))
+    return parts

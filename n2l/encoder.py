@@ -216,9 +216,10 @@ def checkerboard_bits(v: torch.Tensor) -> torch.Tensor:
 
 class _RateProxy:
     """Differentiable rate of every coded tensor in units of its learned log2 step: Laplace bits
-    for the weights, checkerboard bits for the transmitted latents. With `threads`, the bits are
-    summed by the C++ core (CPU, float32) on that many threads: the same function, in one pass
-    instead of some thirty torch operations (bench/RESULTS.md 7s)."""
+    for the weights, checkerboard bits for the transmitted latents. With `threads`, the C++ core
+    (CPU, float32) forms the checkerboard residuals (bit for bit the reference's) and sums the
+    bits on that many threads: the same function, in two calls instead of some forty torch
+    operations (bench/RESULTS.md 7s, 7z)."""
 
     def __init__(self, model: N2LModel, init_log2_step: float, coarse_latent_rate: float = 1.0,
                  threads: int | None = None):
@@ -227,7 +228,8 @@ class _RateProxy:
         init = [init_log2_step] * self.n_layer_tensors + [0.0] * len(model.coded)
         self.log2_steps = torch.tensor(init, device=next(model.parameters()).device, requires_grad=True)
         self.sizes = [p.numel() for p in model.parameters()]
-        self.sizes_tensor = torch.tensor(self.sizes, device=self.log2_steps.device)
+        # which tensor each value belongs to (index_select is repeat_interleave's own implementation)
+        self.owner = torch.repeat_interleave(torch.tensor(self.sizes, device=self.log2_steps.device))
         self.layer_sizes = self.sizes[: self.n_layer_tensors]
         self.coarse_latent_rate = coarse_latent_rate
         self.threads = threads if _on_core(self.log2_steps[None]) else None
@@ -238,8 +240,9 @@ class _RateProxy:
         n = self.n_layer_tensors
         # All layer tensors in one division (a few ops per step instead of a few per tensor).
         layers = torch.cat([p.flatten() for p in tensors[:n]])
-        layers = layers / steps[:n].repeat_interleave(self.sizes_tensor[:n])
-        coded = checkerboard_residuals(*(p[0] / steps[n + i] for i, p in enumerate(tensors[n:]))) if tensors[n:] else []
+        layers = layers / steps.index_select(0, self.owner[: layers.numel()])
+        residuals = checkerboard_residuals if self.threads is None else cpu.checkerboard_residuals
+        coded = residuals(*(p[0] / steps[n + i] for i, p in enumerate(tensors[n:]))) if tensors[n:] else []
         if self.threads is not None:
             coarse = [self.coarse_latent_rate if len(coded) > 1 and i < len(coded) - 1 else 1.0
                       for i, parts in enumerate(coded) for _ in parts]
@@ -257,7 +260,7 @@ class _RateProxy:
     def noisy(self, params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The tensors plus uniform noise of one step's width (all tensors in a few ops)."""
         flat = torch.cat([p.flatten() for p in params.values()])
-        width = torch.exp2(self.log2_steps).repeat_interleave(self.sizes_tensor)
+        width = torch.exp2(self.log2_steps).index_select(0, self.owner)
         flat = flat + (torch.rand(flat.shape, generator=generator, device=flat.device) - 0.5) * width
         return {n: t.view(p.shape) for (n, p), t in zip(params.items(), flat.split(self.sizes))}
 

@@ -325,6 +325,25 @@ def test_training_rate_proxy_of_a_network_matches_torch(coarse_latent_rate: floa
     _assert_rel_close(results[1][1:], results[0][1:])
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_training_checkerboard_matches_torch_bit_for_bit(channels: int) -> None:
+    """The core's checkerboard model gives the reference's residuals and gradients exactly, so
+    moving it changes no stream (some values exactly 0, as trained latents have)."""
+    from n2l.encoder import checkerboard_residuals
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = ((1, 1), (2, 3), (5, 4), (16, 16), (33, 47))
+    latents = [torch.randn(channels, h, w, generator=gen) * 3 * (torch.rand(channels, h, w, generator=gen) < 0.5)
+               for h, w in shapes]
+
+    def flat(f, *vs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part.flatten() for parts in f(*vs) for part in parts])
+
+    want = _value_and_grads(functools.partial(flat, checkerboard_residuals), [v.requires_grad_() for v in latents], 2)
+    got = _value_and_grads(functools.partial(flat, cpu.checkerboard_residuals), latents, 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_training_kernels_do_not_depend_on_the_thread_count() -> None:
     gen = torch.Generator().manual_seed(5)
     conv = [torch.randn(shape, generator=gen).requires_grad_() for shape in ((1, 3, 70, 50), (3, 3, 3, 3), (3,))]
@@ -387,6 +406,11 @@ def test_training_kernels_reject_bad_shapes() -> None:
     with pytest.raises(ValueError, match="pointwise"):
         _core.pointwise_forward(np.zeros((7, 10), np.float32), [np.zeros((65, 7), np.float32)],
                                 [np.zeros(65, np.float32)], np.zeros((65, 10), np.float32), 1)
+    shapes = np.array(((2, 2), (3, 2)), np.int32)
+    with pytest.raises(ValueError, match="checkerboard"):
+        _core.checkerboard_forward(np.zeros((1, 11), np.float32), shapes, np.zeros(11, np.float32), np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="checkerboard"):
+        _core.checkerboard_backward(np.zeros(10, np.float32), shapes, np.zeros(2, np.float32), np.zeros((2, 10), np.float32))
     values, grad = np.zeros(10, np.float32), np.zeros(10, np.float32)
     for offsets in ((0, 4, 9), (0, 6, 3, 10), (1, 10)):
         with pytest.raises(ValueError, match="laplace_bits"):
