@@ -675,6 +675,7 @@ class _LambdaControl:
         self.updates = 0
         self.depths: dict[str, int] = {}
         self.probed: list[tuple[float, float]] = []  # (log lambda, log size or PSNR in dB) per probe
+        self.secant_from = 0  # probes before this one measured another network
 
     def _measure(self, exponents: list[int], depths: dict[str, int] | None = None,
                  trainer: _Trainer | None = None) -> tuple[_Quantizer, float]:
@@ -694,11 +695,18 @@ class _LambdaControl:
     def _slope(self) -> float:
         """d (log size or PSNR) / d log lambda: typical, or the secant through the last two probes."""
         typical = -self.SIZE_SLOPE if self.target_bytes is not None else -self.DB_PER_DOUBLING / math.log(2)
-        if len(self.probed) < 2 or self.probed[-1][0] == self.probed[-2][0]:
+        probed = self.probed[self.secant_from:]
+        if len(probed) < 2 or probed[-1][0] == probed[-2][0]:
             return typical
-        (x0, y0), (x1, y1) = self.probed[-2:]
+        (x0, y0), (x1, y1) = probed[-2:]
         secant, lo, hi = (y1 - y0) / (x1 - x0), *self.SLOPE_RANGE
         return secant if lo * abs(typical) <= -secant <= hi * abs(typical) else typical
+
+    def follow(self, trainer: _Trainer, header) -> None:
+        """Steer `trainer` from now on (the main phase started over, maybe with another network)."""
+        if trainer.model.config != self.t.model.config:
+            self.secant_from = len(self.probed)
+        self.t, self.header = trainer, header
 
     def needs_probe(self, it: int, n_main: int) -> bool:
         """Whether the main phase should probe now (once at each PROBE_AT)."""
@@ -1104,10 +1112,18 @@ def encode(
     lam, structures = _resolve(quality, preset, lmbda, config, mode)
     if iterations is not None and iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    tc = training or TrainingConfig(lr=DEFAULT_LR[mode][quality], coarse_latent_rate=DEFAULT_COARSE_LATENT_RATE[mode][quality])
-    candidates = tuple((replace(c, out_channels=channels),
-                        replace(tc, iterations=iterations or (tc.iterations if training else n)))
-                       for c, n in structures)
+
+    def networks(level: int, structures: tuple[tuple[ModelConfig, int], ...]) -> tuple[tuple[ModelConfig, TrainingConfig], ...]:
+        tc = training or TrainingConfig(lr=DEFAULT_LR[mode][level], coarse_latent_rate=DEFAULT_COARSE_LATENT_RATE[mode][level])
+        return tuple((replace(c, out_channels=channels), replace(tc, iterations=iterations or (tc.iterations if training else n)))
+                     for c, n in structures)
+
+    # Under rate control with the hybrid ladder's own settings, the networks follow lambda to
+    # another level when a probe moves it there (`_encode_seed`).
+    relevel = None
+    if (mode == "hybrid" and (target_bytes is not None or target_psnr is not None)
+            and preset is None and config is None and training is None and lmbda is None):
+        relevel = lambda level: networks(level, network_structures(level, mode))  # noqa: E731
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     device = torch.device(device)
@@ -1120,7 +1136,8 @@ def encode(
     threads = torch.get_num_threads()
     share = max(1, threads // seeds)
     on_core = device.type == "cpu" and cpu.unavailable_reason() is None
-    candidate = functools.partial(_encode_seed, target=target, lam=lam, candidates=candidates, target_bytes=target_bytes,
+    candidate = functools.partial(_encode_seed, target=target, lam=lam, candidates=networks(quality, structures), relevel=relevel,
+                                  target_bytes=target_bytes,
                                   target_psnr=target_psnr, verbose=verbose, several=seeds > 1, threads=share)
     torch.set_num_threads(1 if on_core else share)
     try:
@@ -1148,16 +1165,18 @@ def _schedule(tc: TrainingConfig) -> tuple[int, int, Callable[[int], float]]:
 
 
 def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: float,
-                 candidates: tuple[tuple[ModelConfig, TrainingConfig], ...], target_bytes: int | None,
-                 target_psnr: float | None, verbose: bool, several: bool, threads: int) -> tuple[bytes, float]:
+                 candidates: tuple[tuple[ModelConfig, TrainingConfig], ...],
+                 relevel: Callable[[int], tuple[tuple[ModelConfig, TrainingConfig], ...]] | None,
+                 target_bytes: int | None, target_psnr: float | None, verbose: bool, several: bool,
+                 threads: int) -> tuple[bytes, float]:
     """One candidate of `encode` (noise seed `seed`, progress bar at `position`; the best of the
-    networks and their schedules in `candidates` by `_trial`): its bitstream and the MSE (on
-    [0, 1]) of its 8-bit decoded image."""
+    networks and their schedules in `candidates` by `_trial`; under rate control, those of
+    quality level `relevel(level)` if a probe moves lambda nearest that level's): its bitstream
+    and the MSE (on [0, 1]) of its 8-bit decoded image."""
     height, width = target.shape[-2:]
-    n_main, n_qat, lr_at = _schedule(candidates[0][1])
     name = f"n2l seed {seed}" if several else "n2l"
-    bar = tqdm(total=n_main + n_qat, disable=not verbose, unit="it", desc=f"{name} encode", dynamic_ncols=True,
-               position=position)
+    bar = tqdm(total=candidates[0][1].iterations, disable=not verbose, unit="it", desc=f"{name} encode",
+               dynamic_ncols=True, position=position)
     started = time.perf_counter()
 
     def report(loss: torch.Tensor, mse: torch.Tensor, bpp: torch.Tensor, it: int) -> None:
@@ -1165,37 +1184,46 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
         if verbose and it % 10 == 0:
             bar.set_postfix(loss=f"{float(loss):.2e}", psnr=f"{_psnr_from_mse(float(mse)):.2f}", bpp=f"{float(bpp):.3f}")
 
-    it = 0
-    if len(candidates) == 1:
-        trainer = _Trainer(candidates[0][0], seed, target, lam, candidates[0][1], threads)
-    else:
-        bar.set_description(f"{name} structures")
-        share = max(1, threads // len(candidates))
-        trainer, it = _trial([_Trainer(c, seed, target, lam, t, share) for c, t in candidates], n_main, lr_at, report)
-        trainer.use_threads(threads)
-        n_main, n_qat, lr_at = _schedule(trainer.tc)
-        bar.total = n_main + n_qat
-        bar.set_description(f"{name} encode")
-    tc = trainer.tc
-    cfg = trainer.model.config
+    def start(candidates: tuple[tuple[ModelConfig, TrainingConfig], ...], lam: float) -> tuple[_Trainer, int]:
+        """A trainer of the network of `candidates` (the best by `_trial` if several) at lambda
+        `lam`, and the steps it has had; the progress bar's total set for its schedule."""
+        if len(candidates) == 1:
+            trainer, it = _Trainer(candidates[0][0], seed, target, lam, candidates[0][1], threads), 0
+        else:
+            bar.set_description(f"{name} structures")
+            share = max(1, threads // len(candidates))
+            n_main, _, lr_at = _schedule(candidates[0][1])
+            trainer, it = _trial([_Trainer(c, seed, target, lam, t, share) for c, t in candidates], n_main, lr_at, report)
+            trainer.use_threads(threads)
+            bar.set_description(f"{name} encode")
+        bar.total = bar.n + trainer.tc.iterations - it
+        return trainer, it
+
+    trainer, it = start(candidates, lam)
+    n_main, n_qat, lr_at = _schedule(trainer.tc)
     # Rate control sets lambda from probes of the final stream during the main phase and steers
     # it until 80% of the fine-tuning, then the step search lands on the target.
     control = None
     if target_bytes is not None or target_psnr is not None:
-        control = _LambdaControl(trainer, (width, height, cfg), target_bytes, target_psnr, every=25)
+        control = _LambdaControl(trainer, (width, height, trainer.model.config), target_bytes, target_psnr, every=25)
     while it < n_main:
         report(*trainer.step(lr_at(it)), it)
         it += 1
         if control and control.needs_probe(it, n_main):
             bar.set_description(f"{name} probe")
             if control.probe(n_qat):  # lambda was far off: its early training would cost RD
-                trainer = control.t = _Trainer(cfg, trainer.seed, target, trainer.lmbda, tc, threads)
-                bar.total += it
-                it = 0
+                # Train again from scratch, with the networks of the level nearest the new lambda:
+                # a network chosen for the first lambda can be far from the best at the new one
+                # (bench/RESULTS.md 7z).
+                level = min(range(len(QUALITY_LAMBDAS)), key=lambda q: abs(math.log(QUALITY_LAMBDAS[q] / trainer.lmbda)))
+                trainer, it = start(relevel(level) if relevel else ((trainer.model.config, trainer.tc),), trainer.lmbda)
+                n_main, n_qat, lr_at = _schedule(trainer.tc)
+                control.follow(trainer, (width, height, trainer.model.config))
             bar.set_description(f"{name} encode")
 
     # Per-tensor steps: start from the learned ones, search with the real coded size, then
     # fine-tune at those steps with hard rounding (straight-through) and polish the search.
+    cfg = trainer.model.config
     header = (width, height, cfg)
     bar.set_description(f"{name} quantize")
     quantizer = _Quantizer(trainer)

@@ -211,6 +211,32 @@ def test_rate_control_after_a_structure_trial_stays_under_the_target(crop64):
     assert 0.8 * 350 <= len(buf) <= 350
 
 
+@pytest.mark.filterwarnings("ignore:target PSNR")  # 60 iterations do not reach it
+@pytest.mark.parametrize("size_target", [True, False])
+def test_rate_control_moves_to_the_network_of_the_level_its_lambda_reaches(crop64, monkeypatch, size_target):
+    """A probe that moves lambda to another level's makes training start over with that level's
+    network (here level 2's, from level 4's two candidates)."""
+    from n2l import encoder
+
+    first_probe = encoder._LambdaControl.probe
+
+    def probe(control, n):
+        if control.probed:
+            return first_probe(control, n)
+        control.probed.append((math.log(control.t.lmbda), 0.0))
+        control.t.lmbda = encoder.QUALITY_LAMBDAS[2] * 1.2
+        return True
+
+    monkeypatch.setattr(encoder._LambdaControl, "probe", probe)
+    target = {"target_bytes": 350} if size_target else {"target_psnr": 31.0}
+    assert encoder._quality_for_target("hybrid", 64 * 64, target.get("target_bytes"), target.get("target_psnr")) == 4
+    buf = n2l.encode(crop64, iterations=60, verbose=False, **target)
+    assert n2l.read_header(buf).config == encoder.HYBRID_CONFIGS[2]
+    # with a network given, it keeps that one
+    buf = n2l.encode(crop64, iterations=60, verbose=False, config=encoder.HYBRID_CONFIGS[4], **target)
+    assert n2l.read_header(buf).config == encoder.HYBRID_CONFIGS[4]
+
+
 @pytest.mark.parametrize(("target", "raises"), [({"target_bytes": 40}, True), ({"target_bytes": 10**6}, False),
                                                 ({"target_psnr": 3.0}, True), ({"target_psnr": 90.0}, False)])
 def test_rate_control_steers_lambda_toward_the_target(crop64, target, raises):
