@@ -19,10 +19,11 @@ whose quantized network costs least goes on, `_trial`):
    and for the coarsest ones exactly, alternated; then the bitstream is written.
 
 Rate control (a size or PSNR target) sets lambda during the main phase from probes of the
-stream the quantization-aware phase would end with, steers it during that phase with the real
-coded size or PSNR (`_LambdaControl`), then bisects the lambda of the step search to land in
-the band; where the steps are too coarse a knob, latent values are refined one at a time
-(`_trim`).
+stream the quantization-aware phase would end with (starting over with the networks of the
+level nearest the new lambda if the first probe moves it far), steers it during that phase
+with the real coded size or PSNR (`_LambdaControl`), then bisects the lambda of the step search
+to land in the band; where the steps are too coarse a knob, latent values are refined one at a
+time (`_trim`), which also brings the final polish back into the band (`_polish_in_band`).
 """
 
 from __future__ import annotations
