@@ -530,7 +530,6 @@ float laplace_bits(const FloatArray& x, const nb::ndarray<const int32_t, nb::ndi
   return static_cast<float>(total);
 }
 
-
 // The encoder's checkerboard rate model (n2l.encoder.checkerboard_residuals) of latents packed
 // as x [C, L], grid g of shapes[g] = (h, w) after the grids before it. Out [C * L], grid by grid:
 // its anchors ((i + j) even) [C, h * w - h * w / 2], then its other values minus alpha_g times

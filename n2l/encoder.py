@@ -1160,9 +1160,9 @@ def encode(
     threads = torch.get_num_threads()
     share = max(1, threads // seeds)
     on_core = device.type == "cpu" and cpu.unavailable_reason() is None
-    candidate = functools.partial(_encode_seed, target=target, lam=lam, candidates=networks(quality, structures), relevel=relevel,
-                                  target_bytes=target_bytes,
-                                  target_psnr=target_psnr, verbose=verbose, several=seeds > 1, threads=share)
+    candidate = functools.partial(_encode_seed, target=target, lam=lam, candidates=networks(quality, structures),
+                                  relevel=relevel, target_bytes=target_bytes, target_psnr=target_psnr, verbose=verbose,
+                                  several=seeds > 1, threads=share)
     torch.set_num_threads(1 if on_core else share)
     try:
         if seeds == 1:
