@@ -556,6 +556,14 @@ struct Grids {
     }
     if (total != L) throw std::invalid_argument(std::string(what) + ": the grids do not fill x");
   }
+  // fn(g, offset, h, w, n_anchors, n_others) for each grid, in order.
+  template <class F>
+  void each(F&& fn) const {
+    for (int g = 0, offset = 0; g < G; offset += hw[2 * g] * hw[2 * g + 1], ++g) {
+      const int h = hw[2 * g], w = hw[2 * g + 1];
+      fn(g, offset, h, w, h * w - h * w / 2, h * w / 2);
+    }
+  }
 };
 
 // In-bounds cross neighbours of (i, j) in an h x w grid, as a float divisor.
@@ -569,8 +577,7 @@ void checkerboard_forward(const FloatArray& x, const ShapeArray& shapes, OutArra
   check_shape(out, {C * L}, "checkerboard_forward: out");
   check_shape(alpha, {grids.G}, "checkerboard_forward: alpha");
   std::vector<float> pred;
-  for (int g = 0, offset = 0; g < grids.G; offset += grids.hw[2 * g] * grids.hw[2 * g + 1], ++g) {
-    const int h = grids.hw[2 * g], w = grids.hw[2 * g + 1], n_anchors = h * w - h * w / 2, n_others = h * w / 2;
+  grids.each([&](int g, int offset, int h, int w, int n_anchors, int n_others) {
     float* anchors = out.data() + static_cast<size_t>(C) * offset;
     float* others = anchors + static_cast<size_t>(C) * n_anchors;  // the values first, then their residuals
     pred.resize(static_cast<size_t>(C) * n_others);
@@ -606,7 +613,7 @@ void checkerboard_forward(const FloatArray& x, const ShapeArray& shapes, OutArra
     const float a = std::min(1.0f, std::max(0.0f, fit_vp / std::max(fit_pp, 1e-9f)));
     alpha.data()[g] = a;
     for (size_t k = 0; k < pred.size(); ++k) others[k] = others[k] - a * pred[k];
-  }
+  });
 }
 
 void checkerboard_backward(const FloatArray& gout, const ShapeArray& shapes, const FloatArray& alpha, OutArray gx) {
@@ -615,8 +622,7 @@ void checkerboard_backward(const FloatArray& gout, const ShapeArray& shapes, con
   check_shape(gout, {C * L}, "checkerboard_backward: gout");
   check_shape(alpha, {grids.G}, "checkerboard_backward: alpha");
   std::vector<float> to_pred;  // per other value: the gradient it passes to each neighbour
-  for (int g = 0, offset = 0; g < grids.G; offset += grids.hw[2 * g] * grids.hw[2 * g + 1], ++g) {
-    const int h = grids.hw[2 * g], w = grids.hw[2 * g + 1], n_anchors = h * w - h * w / 2, n_others = h * w / 2;
+  grids.each([&](int g, int offset, int h, int w, int n_anchors, int n_others) {
     const float a = alpha.data()[g];
     const float* g_anchors = gout.data() + static_cast<size_t>(C) * offset;
     const float* g_others = g_anchors + static_cast<size_t>(C) * n_anchors;
@@ -641,7 +647,7 @@ void checkerboard_backward(const FloatArray& gout, const ShapeArray& shapes, con
           row[p] = g_anchors[k] + sum;
         }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -260,8 +260,8 @@ def checkerboard_residuals(*latents: torch.Tensor) -> list[tuple[torch.Tensor, .
     c = latents[0].shape[0]
     shapes = np.array([v.shape[-2:] for v in latents], np.int32)
     out = _Checkerboard.apply(torch.cat([v.reshape(c, -1) for v in latents], dim=1), shapes)
-    parts = []
-    for (h, w), block in zip(shapes.tolist(), out.split([c * h * w for h, w in shapes.tolist()])):
+    parts, grids = [], shapes.tolist()
+    for (h, w), block in zip(grids, out.split([c * h * w for h, w in grids])):
         anchors, others = block.split([c * (h * w - h * w // 2), c * (h * w // 2)])
         parts.append((anchors.view(c, -1), others.view(c, -1)) if others.numel() else (anchors.view(c, -1),))
     return parts
