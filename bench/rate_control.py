@@ -54,7 +54,7 @@ def main() -> None:
         t = time.perf_counter()
         buf = n2l.encode(img, mode="hybrid", target_bytes=target_bytes, target_psnr=target_psnr, verbose=False)
         controlled_s = time.perf_counter() - t
-        quality = _quality_for_target("hybrid", img.shape[0] * img.shape[1], target_bytes, target_psnr)
+        quality = _quality_for_target("hybrid", img, target_bytes, target_psnr)
         t = time.perf_counter()
         plain = n2l.encode(img, quality=quality, mode="hybrid", verbose=False)
         plain_s = time.perf_counter() - t

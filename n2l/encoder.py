@@ -622,21 +622,54 @@ class _Refinement:
 # saturate below it (a hybrid network that generates its full-resolution latent does).
 BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
-# Hybrid mode: the latents carry the rate, so size targets start from the level whose typical
-# bpp on those crops is nearest: measured at q0, q3 and q6 (bench/RESULTS.md 7n, 7o), interpolated
-# between them (bpp geometrically) and extrapolated above.
-TYPICAL_HYBRID_BPP = (0.16, 0.23, 0.32, 0.45, 0.66, 0.98, 1.43, 2.01, 2.81)
-TYPICAL_HYBRID_PSNR = (25.2, 26.5, 27.9, 29.2, 31.4, 33.6, 35.7, 37.5, 39.0)
+# Hybrid mode: the bpp and PSNR of a plain encode at quality q follow the image's texture t (see
+# `texture`): log bpp and PSNR ~ c0 + c1 q + c2 q^2 + c3 log t + c4 q log t, least squares over
+# 50 encodes of 13 centre 256x256 Kodak crops (bench/RESULTS.md 8a). Leaving each image out, the
+# fit predicts log bpp within 0.26 (sd; one level moves it by about 0.4) and PSNR within 0.8 dB,
+# where ignoring the texture misses by 0.5-0.7 and 1-2.6 dB.
+HYBRID_LOG_BPP_FIT = (-4.409, 0.3869, -0.005346, 0.5199, 0.000488)
+HYBRID_PSNR_FIT = (38.62, -0.3113, 0.06903, -2.886, 0.3546)
+TEXTURE_PIXELS = 2048 * 2048  # larger images are measured on a centre crop of this size
 
 
-def _quality_for_target(mode: str, pixels: int, target_bytes: int | None, target_psnr: float | None) -> int:
-    """The quality level rate control trains at, from a size or a PSNR target."""
-    if target_psnr is not None:
-        typical = TYPICAL_HYBRID_PSNR if mode == "hybrid" else TYPICAL_PSNR
-        return next((q for q, psnr in enumerate(typical) if psnr >= target_psnr), 8)
+def texture(array: np.ndarray) -> float:
+    """Mean squared difference (8-bit levels, at least 1) between an image [H, W, C] (uint8) and
+    its 2x box-downsampled, bilinearly re-upsampled copy: how much detail sits at the finest scale."""
+    h, w = array.shape[:2]
+    side = math.isqrt(TEXTURE_PIXELS)
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    crop = array[top: top + min(h, side), left: left + min(w, side)]
+    crop = crop[: crop.shape[0] // 2 * 2, : crop.shape[1] // 2 * 2]
+    if not crop.size:
+        return 1.0
+    x = torch.from_numpy(np.array(crop, np.float32)).permute(2, 0, 1)[None]
+    smooth = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    return max(1.0, float(((smooth - x) ** 2).mean()))
+
+
+def typical_hybrid_rd(array: np.ndarray) -> list[tuple[float, float]]:
+    """(bpp, PSNR) a plain hybrid encode of this image typically reaches at each quality level."""
+    t = math.log(texture(array))
+
+    def fit(c: tuple[float, ...], q: int) -> float:
+        return c[0] + c[1] * q + c[2] * q * q + (c[3] + c[4] * q) * t
+
+    return [(math.exp(fit(HYBRID_LOG_BPP_FIT, q)), fit(HYBRID_PSNR_FIT, q)) for q in range(len(QUALITY_LAMBDAS))]
+
+
+def _quality_for_target(mode: str, array: np.ndarray, target_bytes: int | None, target_psnr: float | None) -> int:
+    """The quality level rate control starts at, from a size or a PSNR target: in hybrid mode the
+    level whose typical size for this image is nearest, or the first whose typical PSNR reaches
+    the target (below it a generated full-resolution latent may saturate)."""
+    pixels = array.shape[0] * array.shape[1]
     if mode == "hybrid":
+        typical = typical_hybrid_rd(array)
+        if target_psnr is not None:
+            return next((q for q, (_, psnr) in enumerate(typical) if psnr >= target_psnr), 8)
         bpp = 8 * target_bytes / pixels
-        return min(range(9), key=lambda q: abs(math.log(TYPICAL_HYBRID_BPP[q] / bpp)))
+        return min(range(9), key=lambda q: abs(math.log(typical[q][0] / bpp)))
+    if target_psnr is not None:
+        return next((q for q, psnr in enumerate(TYPICAL_PSNR) if psnr >= target_psnr), 8)
     fits = [q for q, c in enumerate(QUALITY_CONFIGS) if c.n_params() * BITS_PER_PARAMETER <= 8 * target_bytes]
     return max(fits, default=0)
 
@@ -1132,7 +1165,7 @@ def encode(
     if target_bytes is not None and target_bytes < 1:
         raise ValueError(f"target_bytes must be positive, got {target_bytes}")
     if target_bytes is not None or target_psnr is not None:
-        quality = _quality_for_target(mode, height * width, target_bytes, target_psnr)
+        quality = _quality_for_target(mode, array, target_bytes, target_psnr)
     lam, structures = _resolve(quality, preset, lmbda, config, mode)
     if iterations is not None and iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")

@@ -206,9 +206,10 @@ def test_hybrid_rate_control_never_exceeds_the_target_size(crop64):
 def test_rate_control_after_a_structure_trial_stays_under_the_target(crop64):
     from n2l import encoder
 
-    assert len(encoder.network_structures(encoder._quality_for_target("hybrid", 64 * 64, 350, None))) > 1
-    buf = n2l.encode(crop64, target_bytes=350, iterations=100, verbose=False)
-    assert 0.8 * 350 <= len(buf) <= 350
+    target = round(encoder.typical_hybrid_rd(crop64)[4][0] * 64 * 64 / 8)  # level 4's typical size
+    assert len(encoder.network_structures(encoder._quality_for_target("hybrid", crop64, target, None))) > 1
+    buf = n2l.encode(crop64, target_bytes=target, iterations=100, verbose=False)
+    assert 0.8 * target <= len(buf) <= target
 
 
 @pytest.mark.filterwarnings("ignore:target PSNR")  # 60 iterations do not reach it
@@ -228,8 +229,9 @@ def test_rate_control_moves_to_the_network_of_the_level_its_lambda_reaches(crop6
         return True
 
     monkeypatch.setattr(encoder._LambdaControl, "probe", probe)
-    target = {"target_bytes": 350} if size_target else {"target_psnr": 31.0}
-    assert encoder._quality_for_target("hybrid", 64 * 64, target.get("target_bytes"), target.get("target_psnr")) == 4
+    bpp, psnr = encoder.typical_hybrid_rd(crop64)[4]
+    target = {"target_bytes": round(bpp * 64 * 64 / 8)} if size_target else {"target_psnr": psnr - 0.5}
+    assert encoder._quality_for_target("hybrid", crop64, target.get("target_bytes"), target.get("target_psnr")) == 4
     buf = n2l.encode(crop64, iterations=60, verbose=False, **target)
     assert n2l.read_header(buf).config == encoder.HYBRID_CONFIGS[2]
     # with a network given, it keeps that one
@@ -343,15 +345,25 @@ def test_polish_alternates_refinements_for_a_lower_cost(hybrid_quantizer):
     assert _polish(quantizer, exponents).cost(exponents) < _refine(quantizer, exponents).cost(exponents)
 
 
-def test_psnr_targets_start_at_a_level_that_reaches_them():
-    """A hybrid network that generates its full-resolution latent saturates in PSNR, so a
-    target above its level's typical PSNR must start at a level that transmits that latent."""
-    from n2l.encoder import HYBRID_CONFIGS, TYPICAL_HYBRID_PSNR, _quality_for_target
+def test_targets_start_at_the_level_typical_of_the_image(crop64):
+    """Size targets start at the level whose typical size for this image is nearest, PSNR
+    targets at the first whose typical PSNR reaches them: a hybrid network that generates its
+    full-resolution latent saturates in PSNR, so a target above its level's typical PSNR must
+    start at a level that transmits that latent. More texture means more bits at each level."""
+    from n2l.encoder import HYBRID_CONFIGS, _quality_for_target, texture, typical_hybrid_rd
+    typical = typical_hybrid_rd(crop64)
+    assert all(b0 < b1 and p0 < p1 for (b0, p0), (b1, p1) in zip(typical, typical[1:]))
     for target in (20.0, 29.0, 32.0, 36.0, 99.0):
-        q = _quality_for_target("hybrid", 256 * 256, None, target)
-        assert TYPICAL_HYBRID_PSNR[q] >= target or q == 8
-        assert q == 0 or TYPICAL_HYBRID_PSNR[q - 1] < target
-    assert HYBRID_CONFIGS[_quality_for_target("hybrid", 256 * 256, None, 32.0)].coded_scales == 7
+        q = _quality_for_target("hybrid", crop64, None, target)
+        assert typical[q][1] >= target or q == 8
+        assert q == 0 or typical[q - 1][1] < target
+    assert HYBRID_CONFIGS[_quality_for_target("hybrid", crop64, None, typical[4][1] + 0.5)].coded_scales == 7
+    for q, (bpp, _) in enumerate(typical):
+        assert _quality_for_target("hybrid", crop64, round(bpp * 64 * 64 / 8), None) == q
+    flat = np.full_like(crop64, 128)
+    assert texture(flat) == 1.0 and texture(crop64) > 10
+    assert typical_hybrid_rd(flat)[4][0] < typical[4][0]
+    assert texture(crop64[:1, :1]) == 1.0  # too small to measure
 
 
 @pytest.mark.parametrize(
