@@ -624,11 +624,11 @@ BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # Hybrid mode: the bpp and PSNR of a plain encode at quality q follow the image's texture t (see
 # `texture`): log bpp and PSNR ~ c0 + c1 q + c2 q^2 + c3 log t + c4 q log t, least squares over
-# 50 encodes of 13 centre 256x256 Kodak crops (bench/RESULTS.md 8a). Leaving each image out, the
-# fit predicts log bpp within 0.26 (sd; one level moves it by about 0.4) and PSNR within 0.8 dB,
-# where ignoring the texture misses by 0.5-0.7 and 1-2.6 dB.
-HYBRID_LOG_BPP_FIT = (-4.409, 0.3869, -0.005346, 0.5199, 0.000488)
-HYBRID_PSNR_FIT = (38.62, -0.3113, 0.06903, -2.886, 0.3546)
+# 49 encodes of 13 centre 256x256 Kodak crops (`bench/fit_typical_rd.py`, bench/RESULTS.md 8a).
+# With each image left out of the fit, it predicts that image's log bpp within 0.26 (sd; one
+# level moves it by about 0.4) and PSNR within 0.84 dB; without the texture, 0.60 and 2.0 dB.
+HYBRID_LOG_BPP_FIT = (-4.424, 0.3882, -0.005265, 0.5226, 0.0001492)
+HYBRID_PSNR_FIT = (38.56, -0.3055, 0.0694, -2.874, 0.3531)
 TEXTURE_PIXELS = 2048 * 2048  # larger images are measured on a centre crop of this size
 
 
