@@ -83,20 +83,21 @@ QUALITY_CONFIGS = (
 # 28.9 dB at 1.45 bpp: J 1.26e-3 against 1.81e-3). The synthesis upsamples the latents
 # bicubically: BD-rate -1.4% against bilinear on eight crops (bench/RESULTS.md 7t). At levels 3-4
 # the GPP's first layer is 3x3 at the generated scale too (RD cost -2.4% on seven crops at
-# level 3, 7u; it lost 7.1% at level 0 and was even at level 1).
+# level 3, 7u; it lost 7.1% at level 0 and was even at level 1). Level 5 trains level 6's network
+# (synthesis 24 wide, two residual layers): RD cost -2.9% and -2.4% on two crops against a
+# synthesis 16 wide with one (bench/RESULTS.md 8a).
 _HYBRID = ModelConfig(latent_channels=1, coded_scales=6, gpp_hidden=4, synth_upsampling="bicubic")
 HYBRID_CONFIGS = (
     *(replace(_HYBRID, synth_hidden=(12,)) for _ in range(3)),
     *(replace(_HYBRID, synth_hidden=(16,), gpp_kernel_min_scale=0) for _ in range(2)),
-    replace(_HYBRID, synth_hidden=(16,), coded_scales=7),
-    *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2, coded_scales=7) for _ in range(3)),
+    *(replace(_HYBRID, synth_hidden=(24,), synth_residual=2, coded_scales=7) for _ in range(4)),
 )
 # Levels where neither structure suits every image: against level 4's generated full-resolution
 # latent, a coded one costs 3-11% more RD cost on smooth crops and 1-16% less on textured ones
 # (bench/RESULTS.md 7w). The encoder trains each listed level's network briefly, at this level's
 # lambda and learning rate, and goes on with the better one (`_trial`) for that network's own
 # level's iterations; the header says which network it is. Level 6's network (synthesis 24 wide,
-# two residual layers) gains more on textured crops than level 5's (7x, 7y).
+# two residual layers) gains more on textured crops than one 16 wide with one (7x, 7y).
 HYBRID_ALTERNATIVES = {4: (6,)}
 MODES = ("pure", "hybrid")
 # Hybrid is the default: about a third of the pure mode's bits at equal PSNR (BD-rate -68%,
