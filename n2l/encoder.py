@@ -118,6 +118,7 @@ DEFAULT_LR = {"pure": (1e-2,) * 9, "hybrid": (3e-2,) * 5 + (1e-2,) * 4}
 # lighter charge pays: RD cost -4.4% to -11.7% on 4 crops at 0.4, while at quality 3 it cost
 # 2-4% (bench/RESULTS.md 7n).
 DEFAULT_COARSE_LATENT_RATE = {"pure": (1.0,) * 9, "hybrid": (0.4,) + (1.0,) * 8}
+LATENT_FACTOR_MIN = 0.25  # the least weight `_RateProxy.calibrate` gives a latent's proxy bits
 RATE_CONTROL_RETRIES = 2  # short controlled fine-tunes when the step search misses the target band
 SIZE_BAND = 0.97  # a size target lands in [SIZE_BAND, 1] x target_bytes ...
 PSNR_BAND_DB = 0.1  # ... a PSNR target in [target_psnr, target_psnr + PSNR_BAND_DB]
@@ -135,6 +136,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     init_log2_step: float = -8.0
     coarse_latent_rate: float = 1.0  # weight of the coarse coded latents' proxy bits
+    calibrate_every: int = 1000  # steps between fits of the latents' proxy bits to the coder's (0: never)
 
 
 def laplace_bits(*tensors: torch.Tensor) -> torch.Tensor:
@@ -234,6 +236,7 @@ class _RateProxy:
         self.owner = torch.repeat_interleave(torch.tensor(self.sizes, device=self.log2_steps.device))
         self.layer_sizes = self.sizes[: self.n_layer_tensors]
         self.coarse_latent_rate = coarse_latent_rate
+        self.latent_factors = [1.0] * len(model.coded)  # see `calibrate`
         self.threads = threads if _on_core(self.log2_steps[None]) else None
 
     def bits(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,15 +248,26 @@ class _RateProxy:
         layers = layers / steps.index_select(0, self.owner[: layers.numel()])
         residuals = checkerboard_residuals if self.threads is None else cpu.checkerboard_residuals
         coded = residuals(*(p[0] / steps[n + i] for i, p in enumerate(tensors[n:]))) if tensors[n:] else []
+        weights = [(self.coarse_latent_rate if i < len(coded) - 1 else 1.0) * f for i, f in enumerate(self.latent_factors)]
         if self.threads is not None:
-            coarse = [self.coarse_latent_rate if len(coded) > 1 and i < len(coded) - 1 else 1.0
-                      for i, parts in enumerate(coded) for _ in parts]
             parts = [*layers.split(self.layer_sizes), *(part for parts in coded for part in parts)]
-            return cpu.laplace_bits(parts, [1.0] * n + coarse, self.threads)
-        if self.coarse_latent_rate == 1.0 or len(coded) < 2:
-            return laplace_bits(*layers.split(self.layer_sizes), *(part for parts in coded for part in parts))
-        coarse = laplace_bits(*(part for parts in coded[:-1] for part in parts))
-        return laplace_bits(*layers.split(self.layer_sizes), *coded[-1]) + self.coarse_latent_rate * coarse
+            return cpu.laplace_bits(parts, [1.0] * n + [w for w, parts in zip(weights, coded) for _ in parts], self.threads)
+        return laplace_bits(*layers.split(self.layer_sizes)) + sum(
+            w * laplace_bits(*parts) for w, parts in zip(weights, coded))
+
+    @torch.no_grad()
+    def calibrate(self, params: dict[str, torch.Tensor]) -> None:
+        """Set each coded latent's proxy weight to the coder's bits over the proxy's, both for
+        its values rounded at the current steps (in [LATENT_FACTOR_MIN, 1]). The checkerboard
+        charges smooth latents up to 2.6x the coder's bits, so training priced their bits too
+        high (bench/RESULTS.md 8b)."""
+        n = self.n_layer_tensors
+        for i, p in enumerate(list(params.values())[n:]):
+            q = torch.round(p[0] / float(torch.exp2(self.log2_steps[n + i]))).cpu()
+            proxy = float(laplace_bits(*checkerboard_residuals(q)[0]))
+            ints = q.numpy().astype(np.int32)
+            coded = tensor_bits(ints, fit_code(ints, 0, latent=True))
+            self.latent_factors[i] = min(max(coded / proxy, LATENT_FACTOR_MIN), 1.0) if proxy > 0 else 1.0
 
     def fix(self, exponents: list[int]) -> None:
         """Freeze the steps at 2^-exponents (quantization-aware phase: rate at the real steps)."""
@@ -340,6 +354,7 @@ class _Trainer:
         self.opt = torch.optim.Adam([*self.params.values(), self.rate.log2_steps], lr=tc.lr, fused=True)
         self.pixels = target.shape[-2] * target.shape[-1]
         self.loss = math.inf
+        self.steps = 0
 
     def use_threads(self, threads: int) -> None:
         """Run the C++ core's kernels on this many threads from now on (no result changes)."""
@@ -356,6 +371,10 @@ class _Trainer:
     def step(self, lr: float, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """One Adam step; `params` overrides the (noisy) weights. Returns (loss, mse, bpp) as
         0-dim tensors: reading them waits for a GPU, so the caller reads only what it shows."""
+        every = self.tc.calibrate_every
+        if every and self.steps % every == every // 2:
+            self.rate.calibrate(self.params)
+        self.steps += 1
         for group in self.opt.param_groups:
             group["lr"] = lr
         used = params if params is not None else self.rate.noisy(self.params, self.generator)

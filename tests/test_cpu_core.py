@@ -318,6 +318,7 @@ def test_training_rate_proxy_of_a_network_matches_torch(coarse_latent_rate: floa
     results = []
     for threads in (None, 2):
         rate = _RateProxy(net, -6.0, coarse_latent_rate, threads)
+        rate.latent_factors = [0.3 + 0.1 * i for i in range(len(rate.latent_factors))]  # as calibrated
         params = dict(net.named_parameters())
         bits = rate.bits(params)
         results.append([bits.detach(), *torch.autograd.grad(bits, [*params.values(), rate.log2_steps])])

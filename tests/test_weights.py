@@ -135,6 +135,34 @@ def test_coarse_latent_rate_weights_all_but_the_finest_latent():
     assert (full.bits(params) - light.bits(params)).item() == pytest.approx(0.6 * coarse_bits.item(), rel=1e-4)
 
 
+def test_calibration_weights_each_latent_by_the_coders_bits_over_the_proxys():
+    """`_RateProxy.calibrate` weights each coded latent's proxy bits by what the coder spends
+    on its rounded values over what the checkerboard charges: well under 1 on smooth latents,
+    1 on white noise (the coder can predict nothing), and the proxy's bits follow."""
+    from n2l.encoder import HYBRID_CONFIGS, LATENT_FACTOR_MIN, _RateProxy
+    from n2l.model import N2LModel
+
+    model = N2LModel(HYBRID_CONFIGS[0], 128, 128)
+    rate = _RateProxy(model, -8.0)  # latents at step 1
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    coded = [n for n in params if n.startswith("coded.")]
+    for i, n in enumerate(coded):
+        smooth = _smooth_latent(params[n].shape[1:], seed=i) if i % 2 else None
+        noise = np.random.default_rng(i).laplace(size=params[n].shape[1:]) * 3
+        params[n] = torch.from_numpy(smooth if smooth is not None else noise).float()[None] + 0.2  # rounds back
+    before = rate.bits(params)
+    rate.calibrate(params)
+    for i, (n, factor) in enumerate(zip(coded, rate.latent_factors)):
+        q = np.round(params[n][0].numpy()).astype(np.int32)
+        ratio = tensor_bits(q, fit_latent(q, 0)) / laplace_bits(*checkerboard_residuals(torch.from_numpy(q).float())[0])
+        assert factor == pytest.approx(min(max(ratio.item(), LATENT_FACTOR_MIN), 1.0), rel=1e-6)
+        if q.size >= 1024:  # the two finest
+            assert factor < 0.8 if i % 2 else factor == 1.0
+    weighted = sum(f * laplace_bits(*checkerboard_residuals(params[n][0])[0]) for n, f in zip(coded, rate.latent_factors))
+    full = sum(laplace_bits(*checkerboard_residuals(params[n][0])[0]) for n in coded)
+    assert (before - rate.bits(params)).item() == pytest.approx((full - weighted).item(), rel=1e-4)
+
+
 def test_move_bits_on_latents_smaller_than_their_pass_spacing():
     """Deep passes of a thin latent have neighbour offsets beyond its size: no pair, no error."""
     q = _smooth_latent((1, 1, 9), seed=6)
