@@ -8,8 +8,8 @@ whose quantized network costs least goes on, `_trial`):
    transmitted latents, which are parameters too) see additive uniform noise of one
    quantization step (a differentiable proxy of rounding); each tensor's rate is its
    information content under a Laplace fitted to it (for latents, under a checkerboard model
-   simpler than the coder's, which trains better: bench/RESULTS.md 7j), with a learned step
-   per tensor;
+   simpler than the coder's, which trains better: bench/RESULTS.md 7j, weighted per latent by
+   the coder's bits over its own, refitted every 1000 steps: 8b), with a learned step per tensor;
 2. a search of per-tensor power-of-two steps minimizing MSE + lambda * R with the real coded
    size (constriction), starting from the learned steps;
 3. quantization-aware phase: hard rounding with straight-through gradients at those steps
@@ -113,10 +113,10 @@ DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (24000,) * 3 + (20000,) * 2
 # -3.0% at 4e-2; quality 0 -3.2% at 2e-2, -7.9% at 3e-2). Quality 6 did not (+0.4% at 2e-2).
 # bench/RESULTS.md 7m.
 DEFAULT_LR = {"pure": (1e-2,) * 9, "hybrid": (3e-2,) * 5 + (1e-2,) * 4}
-# Weight of the coarse coded latents (all but the finest) in the training rate proxy. The
-# checkerboard proxy over-charges them (the coder predicts them far better); at quality 0 a
-# lighter charge pays: RD cost -4.4% to -11.7% on 4 crops at 0.4, while at quality 3 it cost
-# 2-4% (bench/RESULTS.md 7n).
+# Weight of the coarse coded latents (all but the finest) in the training rate proxy, on top of
+# each latent's calibration to the coder (`_RateProxy.calibrate`). Before that calibration
+# existed, a lighter charge paid at quality 0: RD cost -4.4% to -11.7% on 4 crops at 0.4, while
+# at quality 3 it cost 2-4% (bench/RESULTS.md 7n); quality 0 keeps 0.4 with it (not re-tuned, 8b).
 DEFAULT_COARSE_LATENT_RATE = {"pure": (1.0,) * 9, "hybrid": (0.4,) + (1.0,) * 8}
 LATENT_FACTOR_MIN = 0.25  # the least weight `_RateProxy.calibrate` gives a latent's proxy bits
 RATE_CONTROL_RETRIES = 2  # short controlled fine-tunes when the step search misses the target band
@@ -649,6 +649,7 @@ TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # level moves it by about 0.4) and PSNR within 0.84 dB; without the texture, 0.60 and 2.0 dB.
 HYBRID_LOG_BPP_FIT = (-4.424, 0.3882, -0.005265, 0.5226, 0.0001492)
 HYBRID_PSNR_FIT = (38.56, -0.3055, 0.0694, -2.874, 0.3531)
+HYBRID_FIT_TEXTURE = (17.0, 319.0)  # the fitted crops' range of t: beyond it, its ends (no extrapolation)
 TEXTURE_PIXELS = 2048 * 2048  # larger images are measured on a centre crop of this size
 
 
@@ -669,7 +670,7 @@ def texture(array: np.ndarray) -> float:
 
 def typical_hybrid_rd(array: np.ndarray) -> list[tuple[float, float]]:
     """(bpp, PSNR) a plain hybrid encode of this image typically reaches at each quality level."""
-    t = math.log(texture(array))
+    t = math.log(min(max(texture(array), HYBRID_FIT_TEXTURE[0]), HYBRID_FIT_TEXTURE[1]))
 
     def fit(c: tuple[float, ...], q: int) -> float:
         return c[0] + c[1] * q + c[2] * q * q + (c[3] + c[4] * q) * t

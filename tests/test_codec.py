@@ -361,8 +361,12 @@ def test_targets_start_at_the_level_typical_of_the_image(crop64):
     for q, (bpp, _) in enumerate(typical):
         assert _quality_for_target("hybrid", crop64, round(bpp * 64 * 64 / 8), None) == q
     flat = np.full_like(crop64, 128)
-    assert texture(flat) == 1.0 and texture(crop64) > 10
-    assert typical_hybrid_rd(flat)[4][0] < typical[4][0]
+    noise = np.random.default_rng(0).integers(0, 256, crop64.shape, dtype=np.uint8)
+    assert texture(flat) == 1.0 and texture(crop64) > 10 and texture(noise) > 1000
+    assert typical_hybrid_rd(flat)[4][0] < typical[4][0] < typical_hybrid_rd(noise)[4][0]
+    for extreme in (flat, noise):  # beyond the fitted textures: the fit's ends, still monotone
+        rd = typical_hybrid_rd(extreme)
+        assert all(b0 < b1 and p0 < p1 for (b0, p0), (b1, p1) in zip(rd, rd[1:]))
     assert texture(crop64[:1, :1]) == 1.0  # too small to measure
 
 
