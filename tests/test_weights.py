@@ -146,10 +146,10 @@ def test_calibration_weights_each_latent_by_the_coders_bits_over_the_proxys():
     rate = _RateProxy(model, -8.0)  # latents at step 1
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     coded = [n for n in params if n.startswith("coded.")]
-    for i, n in enumerate(coded):
-        smooth = _smooth_latent(params[n].shape[1:], seed=i) if i % 2 else None
-        noise = np.random.default_rng(i).laplace(size=params[n].shape[1:]) * 3
-        params[n] = torch.from_numpy(smooth if smooth is not None else noise).float()[None] + 0.2  # rounds back
+    for i, n in enumerate(coded):  # odd: smooth integers; even: white Laplace noise
+        shape = params[n].shape[1:]
+        values = _smooth_latent(shape, seed=i) if i % 2 else np.random.default_rng(i).laplace(size=shape) * 3
+        params[n] = torch.from_numpy(values).float()[None] + 0.2  # off the integers: calibrate rounds
     before = rate.bits(params)
     rate.calibrate(params)
     for i, (n, factor) in enumerate(zip(coded, rate.latent_factors)):
