@@ -214,29 +214,40 @@ def test_rate_control_after_a_structure_trial_stays_under_the_target(crop64):
 
 @pytest.mark.filterwarnings("ignore:target PSNR")  # 60 iterations do not reach it
 @pytest.mark.parametrize("size_target", [True, False])
-def test_rate_control_moves_to_the_network_of_the_level_its_lambda_reaches(crop64, monkeypatch, size_target):
-    """A probe that moves lambda to another level's makes training start over with that level's
-    network (here level 2's, from level 4's two candidates)."""
+def test_rate_control_moves_up_the_ladder_to_the_network_of_the_level_its_lambda_reaches(crop64, monkeypatch,
+                                                                                       size_target):
+    """A first probe that moves lambda far up the ladder (toward more bits) makes training start
+    over with the networks of the level it reaches (here level 6's, from level 4's two candidates);
+    one that moves it far down starts over with the same network."""
     from n2l import encoder
 
     first_probe = encoder._LambdaControl.probe
+    biases, destination = [], {}
 
     def probe(control, n):
         if control.probed:
             return first_probe(control, n)
+        biases.append(control.first_probe_bias)
         control.probed.append((math.log(control.t.lmbda), 0.0))
-        control.t.lmbda = encoder.QUALITY_LAMBDAS[2] * 1.2
+        control.t.lmbda = encoder.QUALITY_LAMBDAS[destination["level"]] * 1.2
         return True
 
     monkeypatch.setattr(encoder._LambdaControl, "probe", probe)
     bpp, psnr = encoder.typical_hybrid_rd(crop64)[4]
     target = {"target_bytes": round(bpp * 64 * 64 / 8)} if size_target else {"target_psnr": psnr - 0.5}
     assert encoder._quality_for_target("hybrid", crop64, target.get("target_bytes"), target.get("target_psnr")) == 4
-    buf = n2l.encode(crop64, iterations=60, verbose=False, **target)
-    assert n2l.read_header(buf).config == encoder.HYBRID_CONFIGS[2]
+    level_4 = {config for config, _ in encoder.network_structures(4)}
+    for level, expected in ((6, {encoder.HYBRID_CONFIGS[6]}), (2, level_4)):
+        destination["level"] = level
+        buf = n2l.encode(crop64, iterations=60, verbose=False, **target)
+        assert n2l.read_header(buf).config in expected
+    assert encoder.HYBRID_CONFIGS[2] not in level_4
     # with a network given, it keeps that one
     buf = n2l.encode(crop64, iterations=60, verbose=False, config=encoder.HYBRID_CONFIGS[4], **target)
     assert n2l.read_header(buf).config == encoder.HYBRID_CONFIGS[4]
+    # the first probe's typical bias is discounted for the ladder's own level 4 only
+    ladder = math.log(encoder.FIRST_PROBE_OVERSIZE[4]) if size_target else encoder.FIRST_PROBE_PSNR_OFFSET[4]
+    assert biases == [pytest.approx(ladder)] * 2 + [0.0] and ladder != 0
 
 
 @pytest.mark.parametrize(("target", "raises"), [({"target_bytes": 40}, True), ({"target_bytes": 10**6}, False),
@@ -413,6 +424,21 @@ def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monke
     assert not control.probe(1)  # only the first probe restarts
     assert trainer.lmbda == pytest.approx(4e-2 * 4, rel=1e-2)  # the goal is one more e down: lambda x4
     assert not control.needs_probe(99, 100)
+
+
+def test_rate_control_discounts_the_first_probes_bias(crop64, monkeypatch):
+    """The first probe's reading is corrected by its typical bias (a young network's stream is
+    larger than the plain stream at the same lambda); the second is taken as read."""
+    from n2l import encoder
+    config = encoder.HYBRID_CONFIGS[0]
+    trainer = encoder._Trainer(config, 0, to_tensor(crop64), 1e-2, encoder.TrainingConfig())
+    target = round(math.exp(8.0) / encoder._LambdaControl.SIZE_GOAL)
+    control = encoder._LambdaControl(trainer, (64, 64, config), target, None, every=1, first_probe_bias=0.5)
+    monkeypatch.setattr(control, "_measure", lambda *a, **k: (None, 8.5))
+    assert not control.probe(1)
+    assert control.probed[-1][1] == pytest.approx(8.0) and trainer.lmbda == pytest.approx(1e-2, rel=1e-3)
+    control.probe(1)
+    assert control.probed[-1][1] == 8.5 and trainer.lmbda > 2e-2  # 0.5 over the goal: lambda x2.3
 
 
 @pytest.mark.parametrize(("upsampling", "reach"), [("bilinear", 1), ("bicubic", 2)])
