@@ -644,9 +644,9 @@ BITS_PER_PARAMETER = 4.0
 TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 # Hybrid mode: the bpp and PSNR of a plain encode at quality q follow the image's texture t (see
 # `texture`): log bpp and PSNR ~ c0 + c1 q + c2 q^2 + c3 log t + c4 q log t, least squares over
-# 49 encodes of 13 centre 256x256 Kodak crops (`bench/fit_typical_rd.py`, bench/RESULTS.md 8a).
-# With each image left out of the fit, it predicts that image's log bpp within 0.26 (sd; one
-# level moves it by about 0.4) and PSNR within 0.84 dB; without the texture, 0.60 and 2.0 dB.
+# 40 encodes of 8 centre 256x256 Kodak crops (8b's eval, `bench/fit_typical_rd.py`, bench/RESULTS.md 8c).
+# With each image left out of the fit, it predicts that image's log bpp within 0.23 (sd; one
+# level moves it by about 0.4) and PSNR within 1.0 dB; without the texture, 0.64 and 2.3 dB.
 HYBRID_LOG_BPP_FIT = (-4.583, 0.4351, -0.00518, 0.577, -0.01168)
 HYBRID_PSNR_FIT = (39.25, -0.3142, 0.0742, -2.887, 0.3387)
 HYBRID_FIT_TEXTURE = (17.0, 319.0)  # the fitted crops' range of t: beyond it, its ends (no extrapolation)
@@ -715,9 +715,9 @@ class _LambdaControl:
     and on lambda (on a textured crop: x1.37 at lambda 5e-3, x0.51 at 5e-2; bench/RESULTS.md
     7p). So at PROBE_AT of the main phase `probe` runs the quantization-aware phase on a copy
     of the network, measures the stream it would end with (the first reading less its typical
-    bias at the level, FIRST_PROBE_OVERSIZE / FIRST_PROBE_PSNR_OFFSET), and sets lambda from it: by the
-    typical slope of size (or PSNR) against lambda after one probe, by the secant through the
-    two after the second. If the first probe moves lambda far, the main phase starts over at
+    bias at the level: FIRST_PROBE_OVERSIZE, FIRST_PROBE_PSNR_OFFSET), and sets lambda from it:
+    by the typical slope of size (or PSNR) against lambda after one probe, by the secant through
+    the two after the second. If the first probe moves lambda far, the main phase starts over at
     the new lambda. Between probes lambda stays fixed.
     Quantization-aware phase: every `every` steps the network is quantized at its final steps
     and coded for real, and lambda moves geometrically toward the goal: by (size / goal)^gain
@@ -1315,9 +1315,9 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
                 # Train again from scratch, up the ladder with the networks of the level nearest
                 # the new lambda: a network chosen for the first lambda can be far from the best at
                 # the new one (bench/RESULTS.md 7z). Down the ladder with the same network: a first
-                # probe can over-read the final stream 2.7x, and a smaller network that the second
-                # probe then drives back to a lower lambda saturates (kodim20: -3 dB, 8c), while a
-                # larger one at a higher lambda costs a few percent (7w).
+                # probe can read twice the final stream's size (kodim20, 8c), and a smaller network
+                # that the second probe then drives back to a lower lambda saturates (kodim20: 3.8 dB
+                # lower at the same size, 8c), while a larger one at a higher lambda costs a few percent (7w).
                 reached = _nearest_level(trainer.lmbda)
                 up = relevel is not None and reached > level
                 trainer, it = start(relevel(reached) if up else ((trainer.model.config, trainer.tc),), trainer.lmbda)

@@ -1,0 +1,77 @@
+"""What rate control's first probe reads against the plain stream it predicts, per quality level.
+
+    python bench/probe_bias.py --levels 0 2 4 6 8 --images kodim01 kodim04 ...
+
+For each centre crop and level, trains the level's plain schedule (hybrid mode) up to the first
+probe (`_LambdaControl.PROBE_AT[0]` of the main phase), runs the probe as rate control does (the
+quantization-aware phase on a copy) and compares the stream it measures with the plain stream
+of the same crop and level in an eval's results (same lambda, fully trained). Prints each
+reading and, per level, the median size ratio and PSNR difference: the source of
+`n2l.encoder.FIRST_PROBE_OVERSIZE` and `FIRST_PROBE_PSNR_OFFSET`. About 0.2 of an encode each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+from pathlib import Path
+
+from common import REPO, kodak_crop
+
+import n2l
+from n2l import encoder
+
+
+class _Read(Exception):
+    """Raised by the patched probe to stop the encode after its first reading."""
+
+
+def first_probe(image: str, level: int, plain_bytes: int) -> tuple[int, float]:
+    """(bytes, PSNR) of the stream the first probe of a plain level-`level` schedule measures."""
+    def probe(control: encoder._LambdaControl, n: int) -> bool:
+        twin = control.t.copy()
+        exponents = encoder._Quantizer(twin).search(encoder._learned_exponents(twin), passes=2, reach=4)
+        encoder._fine_tune(twin, exponents, n)
+        quantizer = encoder._Quantizer(twin)  # of the fine-tuned copy, as `_LambdaControl._measure`
+        raise _Read(len(encoder._bitstream(quantizer, exponents, *control.header)), quantizer.psnr(exponents))
+
+    original = encoder._LambdaControl.probe, encoder._quality_for_target
+    encoder._LambdaControl.probe, encoder._quality_for_target = probe, lambda *args: level
+    try:
+        n2l.encode(kodak_crop(image, 256), target_bytes=plain_bytes, verbose=False)
+    except _Read as read:
+        return read.args
+    finally:
+        encoder._LambdaControl.probe, encoder._quality_for_target = original
+    raise RuntimeError("the encode ended without a probe")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval", type=Path,
+                        default=REPO / "bench/results/eval_kodak_crops8_hybrid_calib/results.tsv")
+    parser.add_argument("--levels", type=int, nargs="+", default=[0, 2, 4, 6, 8])
+    parser.add_argument("--images", nargs="*", help="default: every crop of the eval")
+    args = parser.parse_args()
+    with open(args.eval) as f:
+        plain = {(r["image"], int(r["quality"])): (int(r["bytes"]), float(r["psnr"]))
+                 for r in csv.DictReader(f, delimiter="\t") if r["codec"] == "n2l" and int(r["width"]) == 256}
+    images = args.images or sorted({image for image, _ in plain})
+    for level in args.levels:
+        ratios, offsets = [], []
+        for image in images:
+            size, psnr = plain[image, level]
+            read_size, read_psnr = first_probe(image, level, size)
+            ratios.append(read_size / size)
+            offsets.append(read_psnr - psnr)
+            print(f"level {level} {image}: plain {size} B {psnr:.2f} dB, probe {read_size} B {read_psnr:.2f} dB",
+                  flush=True)
+        print(f"level {level}: size ratio median {statistics.median(ratios):.3f} (range {min(ratios):.2f}-"
+              f"{max(ratios):.2f}, sd of log {statistics.pstdev(map(math.log, ratios)):.2f}); PSNR difference "
+              f"median {statistics.median(offsets):+.2f} dB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
