@@ -3,7 +3,7 @@
     python bench/probe_bias.py --levels 0 2 4 6 8 --images kodim01 kodim04 ...
 
 For each centre crop and level, trains the level's plain schedule (hybrid mode) up to the first
-probe (`_LambdaControl.PROBE_AT[0]` of the main phase), runs the probe as rate control does (the
+probe (`_LambdaControl.PROBE_AT[0]` of the main phase), runs rate control's own probe (the
 quantization-aware phase on a copy) and compares the stream it measures with the plain stream
 of the same crop and level in an eval's results (same lambda, fully trained). Prints each
 reading and, per level, the median size ratio and PSNR difference: the source of
@@ -30,21 +30,20 @@ class _Read(Exception):
 
 def first_probe(image: str, level: int, plain_bytes: int) -> tuple[int, float]:
     """(bytes, PSNR) of the stream the first probe of a plain level-`level` schedule measures."""
-    def probe(control: encoder._LambdaControl, n: int) -> bool:
-        twin = control.t.copy()
-        exponents = encoder._Quantizer(twin).search(encoder._learned_exponents(twin), passes=2, reach=4)
-        encoder._fine_tune(twin, exponents, n)
-        quantizer = encoder._Quantizer(twin)  # of the fine-tuned copy, as `_LambdaControl._measure`
-        raise _Read(len(encoder._bitstream(quantizer, exponents, *control.header)), quantizer.psnr(exponents))
+    original = encoder._LambdaControl._measure, encoder._quality_for_target
 
-    original = encoder._LambdaControl.probe, encoder._quality_for_target
-    encoder._LambdaControl.probe, encoder._quality_for_target = probe, lambda *args: level
+    def measure(control: encoder._LambdaControl, exponents: list[int], *args, **kwargs):
+        # the first measurement of an encode is its first probe's, before the bias is discounted
+        quantizer, log_size = original[0](control, exponents, *args, **kwargs)
+        raise _Read(round(math.exp(log_size)), quantizer.psnr(exponents))
+
+    encoder._LambdaControl._measure, encoder._quality_for_target = measure, lambda *args: level
     try:
         n2l.encode(kodak_crop(image, 256), target_bytes=plain_bytes, verbose=False)
     except _Read as read:
         return read.args
     finally:
-        encoder._LambdaControl.probe, encoder._quality_for_target = original
+        encoder._LambdaControl._measure, encoder._quality_for_target = original
     raise RuntimeError("the encode ended without a probe")
 
 
