@@ -9,9 +9,9 @@ quantization-aware phase on a copy) and compares the stream it measures with the
 of the same crop and level in an eval's results (same lambda, fully trained). Lambda is held at
 the level's (the probes move nothing), so the second probe reads the plain schedule too. Prints
 each reading and, per level, the median size ratio and PSNR difference: for the first probe, the
-source of `n2l.encoder.FIRST_PROBE_OVERSIZE` and `FIRST_PROBE_PSNR_OFFSET` (the second probe's
-bias is measured but not discounted: bench/RESULTS.md 8d). About 0.2 (first probe) or 0.6
-(second) of an encode each.
+source of `n2l.encoder.FIRST_PROBE_OVERSIZE` and `FIRST_PROBE_PSNR_OFFSET`; the second probe
+reads the stream after `n2l.encoder._finish` (bench/RESULTS.md 8e). About 0.2 (first probe) or
+0.7 (second) of an encode each.
 """
 
 from __future__ import annotations
@@ -36,25 +36,25 @@ def probe_reading(image: str, level: int, plain_bytes: int, probe: int = 1) -> t
     """(bytes, PSNR) of the stream that probe number `probe` (1 or 2) of a plain level-`level`
     schedule measures, lambda held at the level's."""
     control = encoder._LambdaControl
-    original = control._measure, control._scale_lambda, control.RESTART_FACTOR, encoder._quality_for_target
+    original = control._reading, control._scale_lambda, control.RESTART_FACTOR, encoder._quality_for_target
     readings = []
+    used = {1: 1, 2: 3}[probe]  # an encode's first readings: probe 1; probe 2 before and after `_finish`
 
-    def measure(self: encoder._LambdaControl, exponents: list[int], *args, **kwargs):
-        # an encode's first measurements are its probes', before any bias is discounted
-        quantizer, log_size = original[0](self, exponents, *args, **kwargs)
+    def reading(self: encoder._LambdaControl, quantizer: encoder._Quantizer, exponents: list[int]) -> float:
+        log_size = original[0](self, quantizer, exponents)
         readings.append(log_size)
-        if len(readings) == probe:
+        if len(readings) == used:
             raise _Read(round(math.exp(log_size)), quantizer.psnr(exponents))
-        return quantizer, log_size
+        return log_size
 
-    control._measure, control._scale_lambda, control.RESTART_FACTOR = measure, lambda self, factor: None, math.inf
+    control._reading, control._scale_lambda, control.RESTART_FACTOR = reading, lambda self, factor: None, math.inf
     encoder._quality_for_target = lambda *args: level
     try:
         n2l.encode(kodak_crop(image, 256), target_bytes=plain_bytes, verbose=False)
     except _Read as read:
         return read.args
     finally:
-        control._measure, control._scale_lambda, control.RESTART_FACTOR, encoder._quality_for_target = original
+        control._reading, control._scale_lambda, control.RESTART_FACTOR, encoder._quality_for_target = original
     raise RuntimeError("the encode ended without the probe")
 
 

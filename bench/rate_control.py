@@ -2,6 +2,7 @@
 
     python bench/rate_control.py --targets kodim23:6000B kodim15:4000B kodim20:30dB
     python bench/rate_control.py --random 4 --seed 1        # random images and size targets
+    python bench/rate_control.py --random-psnr 2 --seed 1   # random images and PSNR targets
 
 Each target is IMAGE:SIZE (bytes, e.g. 6000B or 20KB) or IMAGE:PSNR (e.g. 30dB), on the centre
 crop of that Kodak image, hybrid mode, default schedule. Every target is followed by a plain
@@ -39,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="*", type=parse_target, default=[])
     parser.add_argument("--random", type=int, default=0, help="add N random size targets (0.15-1.5 bpp)")
+    parser.add_argument("--random-psnr", type=int, default=0, help="add N random PSNR targets (26-40 dB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/rate_control.json")
@@ -48,6 +50,8 @@ def main() -> None:
     for _ in range(args.random):
         bpp = 0.15 * 10 ** rng.random()
         targets.append((f"kodim{rng.randint(1, 24):02d}", int(bpp * args.crop**2 / 8), None))
+    for _ in range(args.random_psnr):
+        targets.append((f"kodim{rng.randint(1, 24):02d}", None, round(26 + 14 * rng.random(), 1)))
     rows = []
     for image, target_bytes, target_psnr in targets:
         img = kodak_crop(image, args.crop)

@@ -715,15 +715,18 @@ class _LambdaControl:
     and on lambda (on a textured crop: x1.37 at lambda 5e-3, x0.51 at 5e-2; bench/RESULTS.md
     7p). So at PROBE_AT of the main phase `probe` runs the quantization-aware phase on a copy
     of the network, measures the stream it would end with (the first reading less its typical
-    bias at the level: FIRST_PROBE_OVERSIZE, FIRST_PROBE_PSNR_OFFSET), and sets lambda from it:
-    by the typical slope of size (or PSNR) against lambda after one probe, by the secant through
-    the two after the second. If the first probe moves lambda far, the main phase starts over at
-    the new lambda. Between probes lambda stays fixed.
+    bias at the level: FIRST_PROBE_OVERSIZE, FIRST_PROBE_PSNR_OFFSET; the last one after
+    most of `_finish`, as a plain encode ends), and sets lambda from it: by the typical slope of size
+    (or PSNR) against lambda after one probe, by the secant through the two after the second.
+    If the first probe moves lambda far, the main phase starts over at the new lambda. Between
+    probes lambda stays fixed.
     Quantization-aware phase: every `every` steps the network is quantized at its final steps
-    and coded for real, and lambda moves geometrically toward the goal: by (size / goal)^gain
-    for a size, by 2^(gain * (PSNR - goal) / DB_PER_DOUBLING) for a PSNR. The latents' coder
-    depths are refitted only every DEPTH_REFIT-th update (fitting them is most of a coding's
-    time, and they rarely change between updates).
+    and coded for real, the reading corrected by what `_finish` changed at the last probe (its
+    polish takes up to 30% off the size at low rates, bench/RESULTS.md 8e), and lambda moves
+    geometrically toward the goal: by (size / goal)^gain for a size, by 2^(gain * (PSNR - goal)
+    / DB_PER_DOUBLING) for a PSNR. The latents' coder depths are refitted only every
+    DEPTH_REFIT-th update (fitting them is most of a coding's time, and they rarely change
+    between updates).
     """
 
     GAIN = 0.5
@@ -741,6 +744,7 @@ class _LambdaControl:
         self.t, self.header, self.every = trainer, header, every
         self.target_bytes, self.target_psnr = target_bytes, target_psnr
         self.first_probe_bias = first_probe_bias  # what the first probe over-reads, in log size or dB
+        self.finish_offset = 0.0  # what finishing adds to a reading (the last probe's), in log size or dB
         self.bounds = (trainer.lmbda * 1e-4, trainer.lmbda * 1e4)  # an unreachable target stops here
         self.updates = 0
         self.depths: dict[str, int] = {}
@@ -751,9 +755,12 @@ class _LambdaControl:
                  trainer: _Trainer | None = None) -> tuple[_Quantizer, float]:
         """(quantizer, log size in bytes or PSNR in dB, whichever the target is) at these steps."""
         quantizer = _Quantizer(trainer or self.t, depths=depths)
+        return quantizer, self._reading(quantizer, exponents)
+
+    def _reading(self, quantizer: _Quantizer, exponents: list[int]) -> float:
         if self.target_bytes is not None:
-            return quantizer, math.log(len(_bitstream(quantizer, exponents, *self.header)))
-        return quantizer, quantizer.psnr(exponents)
+            return math.log(len(_bitstream(quantizer, exponents, *self.header)))
+        return quantizer.psnr(exponents)
 
     @property
     def _goal(self) -> float:
@@ -785,7 +792,7 @@ class _LambdaControl:
     def probe(self, n: int) -> bool:
         """Run the quantization-aware phase (step search, n hard-rounding steps) on a copy of the
         network, measure the stream it ends with, and move lambda to where that would meet the
-        goal (at most 16x either way). Costs n training steps. Returns whether the main phase
+        goal (at most 16x either way). Costs n training steps (the last probe, an RDOQ too). Returns whether the main phase
         should start over at the new lambda (the first probe moved it by over RESTART_FACTOR:
         early training at a lambda far off leaves a network that later training does not
         repair, bench/RESULTS.md 7p)."""
@@ -793,9 +800,12 @@ class _LambdaControl:
         quantizer = _Quantizer(twin)
         exponents = quantizer.search(_learned_exponents(twin), passes=2, reach=4)
         _fine_tune(twin, exponents, n)
-        _, measured = self._measure(exponents, trainer=twin)
+        quantizer, measured = self._measure(exponents, trainer=twin)
         if not self.probed:
             measured -= self.first_probe_bias
+        elif len(self.probed) == len(self.PROBE_AT) - 1:  # the last probe reads the finished stream
+            self.finish_offset = self._reading(*_finish(quantizer, exponents, full=False)) - measured
+            measured += self.finish_offset
         self.probed.append((math.log(self.t.lmbda), measured))
         step = max(-math.log(16), min(math.log(16), (self._goal - measured) / self._slope))
         self._scale_lambda(math.exp(step))
@@ -808,6 +818,7 @@ class _LambdaControl:
         refit = self.updates % self.DEPTH_REFIT == 0
         self.updates += 1
         quantizer, measured = self._measure(exponents, depths=None if refit else self.depths)
+        measured += self.finish_offset
         if refit:  # the codes are cached by the measurement above
             _, codes = quantizer.codes(exponents)
             self.depths = {n: c.depth for n, c in zip(quantizer.float_params, codes) if isinstance(c, LatentCode)}
@@ -832,6 +843,17 @@ def _fine_tune(trainer: _Trainer, exponents: list[int], n: int, report=None, con
             report(*out, it)
         if control and it < 0.8 * n:
             control.update(it, exponents)
+
+
+def _finish(quantizer: _Quantizer, exponents: list[int], full: bool = True) -> tuple[_Quantizer, list[int]]:
+    """A fine-tuned network's last steps to its stream: a short step search, then `_polish`,
+    both at the quantizer's lambda. Returns the polished quantizer and its steps. Not `full`:
+    only the polish's first part, the latents' RDOQ (`_refine`), which makes nearly all of its
+    change of size in a third of its time (bench/RESULTS.md 8e)."""
+    exponents = quantizer.search(exponents, passes=1, reach=1)
+    if full:
+        return _polish(quantizer, exponents), exponents
+    return (_refine(quantizer, exponents) if quantizer.t.model.config.coded_scales else quantizer), exponents
 
 
 def _learned_exponents(trainer: _Trainer) -> list[int]:
@@ -1338,10 +1360,14 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
     bar.set_description(f"{name} fine-tune")
     _fine_tune(trainer, exponents, n_qat, report, control)
     quantizer = _Quantizer(trainer)
-    if control is None:
-        exponents = quantizer.search(exponents, passes=1, reach=1)
-        bar.set_description(f"{name} refine")
-        quantizer = _polish(quantizer, exponents)
+    bar.set_description(f"{name} refine")
+    finished, finished_exponents = _finish(quantizer, exponents)
+    if control is not None and not _in_band(finished, finished_exponents, header, target_bytes, target_psnr):
+        # Rate control aimed lambda at the finished stream (`_LambdaControl.finish_offset`): move
+        # latent values into the band from there, else search the steps of the fine-tuned network.
+        finished = _trim(finished, finished_exponents, header, target_bytes, target_psnr) if cfg.coded_scales else None
+    if finished is not None:
+        quantizer, exponents = finished, finished_exponents
     else:
         # Missing the band means the last steps of training moved the size: fine-tune a little
         # longer under control (a warm start, not a new encode) and search again.

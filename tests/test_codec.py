@@ -402,7 +402,8 @@ def test_controlled_fine_tuning_restarts_nearer_the_goal(monkeypatch, found_size
 def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monkeypatch):
     """A probe runs the quantization-aware phase on a copy (the network is untouched) and moves
     lambda by the typical slope (a far move restarts the main phase), the second probe by the
-    secant through both."""
+    secant through both, reading the finished stream; the fine-tuning's readings are corrected
+    by what finishing changed there."""
     from n2l import encoder
     config = encoder.HYBRID_CONFIGS[0]
     trainer = encoder._Trainer(config, 0, to_tensor(crop64), 2e-2, encoder.TrainingConfig())
@@ -419,11 +420,16 @@ def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monke
     # The second probe: sizes e^8 at lambda 1e-2 and e^7 at lambda 4e-2, a secant of -1 / ln 4.
     control.probed = [(math.log(1e-2), 8.0)]
     trainer.lmbda = 4e-2
-    monkeypatch.setattr(control, "_measure", lambda *a, **k: (None, 7.0))
+    monkeypatch.setattr(control, "_measure", lambda *a, **k: (None, 7.5))  # before the finish ...
+    monkeypatch.setattr(encoder, "_finish", lambda quantizer, exponents, full: (quantizer, exponents))
+    monkeypatch.setattr(control, "_reading", lambda *a: 7.0)  # ... and after it
     control.target_bytes = round(math.exp(6.0) / control.SIZE_GOAL)
     assert not control.probe(1)  # only the first probe restarts
     assert trainer.lmbda == pytest.approx(4e-2 * 4, rel=1e-2)  # the goal is one more e down: lambda x4
-    assert not control.needs_probe(99, 100)
+    assert control.finish_offset == pytest.approx(-0.5) and not control.needs_probe(99, 100)
+    control.updates = 1  # no refit of the coder depths
+    control.update(0, [])  # reads 7.5, taken as 7.0: one e over the goal, lambda x e^GAIN
+    assert trainer.lmbda == pytest.approx(4e-2 * 4 * math.exp(control.GAIN), rel=1e-2)
 
 
 def test_rate_control_discounts_the_first_probes_bias(crop64, monkeypatch):
@@ -435,6 +441,8 @@ def test_rate_control_discounts_the_first_probes_bias(crop64, monkeypatch):
     target = round(math.exp(8.0) / encoder._LambdaControl.SIZE_GOAL)
     control = encoder._LambdaControl(trainer, (64, 64, config), target, None, every=1, first_probe_bias=0.5)
     monkeypatch.setattr(control, "_measure", lambda *a, **k: (None, 8.5))
+    monkeypatch.setattr(encoder, "_finish", lambda quantizer, exponents, full: (quantizer, exponents))
+    monkeypatch.setattr(control, "_reading", lambda *a: 8.5)
     assert not control.probe(1)
     assert control.probed[-1][1] == pytest.approx(8.0) and trainer.lmbda == pytest.approx(1e-2, rel=1e-3)
     control.probe(1)
