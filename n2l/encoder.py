@@ -715,11 +715,11 @@ class _LambdaControl:
     and on lambda (on a textured crop: x1.37 at lambda 5e-3, x0.51 at 5e-2; bench/RESULTS.md
     7p). So at PROBE_AT of the main phase `probe` runs the quantization-aware phase on a copy
     of the network, measures the stream it would end with (the first reading less its typical
-    bias at the level: FIRST_PROBE_OVERSIZE, FIRST_PROBE_PSNR_OFFSET; the last one after
-    most of `_finish`, as a plain encode ends), and sets lambda from it: by the typical slope of size
-    (or PSNR) against lambda after one probe, by the secant through the two after the second.
-    If the first probe moves lambda far, the main phase starts over at the new lambda. Between
-    probes lambda stays fixed.
+    bias at the level: FIRST_PROBE_OVERSIZE, FIRST_PROBE_PSNR_OFFSET; the last one after most
+    of `_finish`, as a plain encode ends), and sets lambda from it: by the typical slope of
+    size (or PSNR) against lambda after one probe, by the secant through the two after the
+    second. If the first probe moves lambda far, the main phase starts over at the new lambda.
+    Between probes lambda stays fixed.
     Quantization-aware phase: every `every` steps the network is quantized at its final steps
     and coded for real, the reading corrected by what `_finish` changed at the last probe (its
     polish takes up to 30% off the size at low rates, bench/RESULTS.md 8e), and lambda moves
@@ -792,10 +792,10 @@ class _LambdaControl:
     def probe(self, n: int) -> bool:
         """Run the quantization-aware phase (step search, n hard-rounding steps) on a copy of the
         network, measure the stream it ends with, and move lambda to where that would meet the
-        goal (at most 16x either way). Costs n training steps (the last probe, an RDOQ too). Returns whether the main phase
-        should start over at the new lambda (the first probe moved it by over RESTART_FACTOR:
-        early training at a lambda far off leaves a network that later training does not
-        repair, bench/RESULTS.md 7p)."""
+        goal (at most 16x either way). Costs n training steps (the last probe, an RDOQ too).
+        Returns whether the main phase should start over at the new lambda (the first probe
+        moved it by over RESTART_FACTOR: early training at a lambda far off leaves a network
+        that later training does not repair, bench/RESULTS.md 7p)."""
         twin = self.t.copy()
         quantizer = _Quantizer(twin)
         exponents = quantizer.search(_learned_exponents(twin), passes=2, reach=4)
@@ -1365,7 +1365,8 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
     if control is not None and not _in_band(finished, finished_exponents, header, target_bytes, target_psnr):
         # Rate control aimed lambda at the finished stream (`_LambdaControl.finish_offset`): move
         # latent values into the band from there, else search the steps of the fine-tuned network.
-        finished = _trim(finished, finished_exponents, header, target_bytes, target_psnr) if cfg.coded_scales else None
+        finished = (_trim(finished, finished_exponents, header, target_bytes, target_psnr)
+                    if cfg.coded_scales else None)
     if finished is not None:
         quantizer, exponents = finished, finished_exponents
     else:
