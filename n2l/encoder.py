@@ -20,10 +20,10 @@ whose quantized network costs least goes on, `_trial`):
 
 Rate control (a size or PSNR target) sets lambda during the main phase from probes of the
 stream the quantization-aware phase would end with (starting over with the networks of the
-level nearest the new lambda if the first probe moves it far), steers it during that phase
-with the real coded size or PSNR (`_LambdaControl`), then bisects the lambda of the step search
-to land in the band; where the steps are too coarse a knob, latent values are refined one at a
-time (`_trim`), which also brings the final polish back into the band (`_polish_in_band`).
+level nearest the new lambda if the first probe moves it far; `_LambdaControl`) and holds it
+through that phase; the stream is finished as a plain one and latent values are refined one at
+a time into the band (`_trim`). Failing that, the lambda of the step search is bisected to land
+in the band, and the final polish is held there (`_polish_in_band`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from .memory import retain_freed_memory
 from .model import PRESETS, ModelConfig, N2LModel, preset
 from .weights import (
     MAX_EXPONENT,
-    LatentCode,
     TensorCode,
     dequantize,
     encode_tensors,
@@ -708,7 +707,7 @@ def _quality_for_target(mode: str, array: np.ndarray, target_bytes: int | None, 
 
 
 class _LambdaControl:
-    """Steers the training lambda toward a size or PSNR target (rate control by training).
+    """Sets the training lambda for a size or PSNR target (rate control by training).
 
     Main phase: the size and PSNR of its network say little about the final stream, because
     the quantization-aware phase changes them a lot, by an amount that depends on the image
@@ -720,17 +719,11 @@ class _LambdaControl:
     size (or PSNR) against lambda after one probe, by the secant through the two after the
     second. If the first probe moves lambda far, the main phase starts over at the new lambda.
     Between probes lambda stays fixed.
-    Quantization-aware phase: every `every` steps the network is quantized at its final steps
-    and coded for real, the reading corrected by what `_finish` changed at the last probe (its
-    polish takes up to 30% off the size at low rates, bench/RESULTS.md 8e), and lambda moves
-    geometrically toward the goal: by (size / goal)^gain for a size, by 2^(gain * (PSNR - goal)
-    / DB_PER_DOUBLING) for a PSNR. The latents' coder depths are refitted only every
-    DEPTH_REFIT-th update (fitting them is most of a coding's time, and they rarely change
-    between updates).
+    The quantization-aware phase then keeps lambda: steering it there with the coded stream
+    every 25 steps wound it 1.2-3.3x the wrong way while the network answered slowly, and cost
+    0.15-0.29 dB on size targets and 7-15% of the bytes on PSNR targets (bench/RESULTS.md 8e).
     """
 
-    GAIN = 0.5
-    DEPTH_REFIT = 8
     PROBE_AT = (0.1, 0.4)  # fractions of the main phase
     RESTART_FACTOR = 1.5  # the first probe moved lambda more than this: train again from scratch
     SIZE_SLOPE = 0.6  # -d log(size) / d log(lambda) across the hybrid ladder (bpp 0.16-0.45 for 5.7x lambda)
@@ -739,22 +732,18 @@ class _LambdaControl:
     SIZE_GOAL = 0.985  # of target_bytes: the middle of the accepted band [0.97, 1]
     PSNR_MARGIN = 0.05  # dB above target_psnr: the middle of the accepted band
 
-    def __init__(self, trainer: _Trainer, header, target_bytes: int | None, target_psnr: float | None, every: int,
+    def __init__(self, trainer: _Trainer, header, target_bytes: int | None, target_psnr: float | None,
                  first_probe_bias: float = 0.0):
-        self.t, self.header, self.every = trainer, header, every
+        self.t, self.header = trainer, header
         self.target_bytes, self.target_psnr = target_bytes, target_psnr
         self.first_probe_bias = first_probe_bias  # what the first probe over-reads, in log size or dB
-        self.finish_offset = 0.0  # what finishing adds to a reading (the last probe's), in log size or dB
         self.bounds = (trainer.lmbda * 1e-4, trainer.lmbda * 1e4)  # an unreachable target stops here
-        self.updates = 0
-        self.depths: dict[str, int] = {}
         self.probed: list[tuple[float, float]] = []  # (log lambda, log size or PSNR in dB) per probe
         self.secant_from = 0  # probes before this one measured another network
 
-    def _measure(self, exponents: list[int], depths: dict[str, int] | None = None,
-                 trainer: _Trainer | None = None) -> tuple[_Quantizer, float]:
+    def _measure(self, exponents: list[int], trainer: _Trainer) -> tuple[_Quantizer, float]:
         """(quantizer, log size in bytes or PSNR in dB, whichever the target is) at these steps."""
-        quantizer = _Quantizer(trainer or self.t, depths=depths)
+        quantizer = _Quantizer(trainer)
         return quantizer, self._reading(quantizer, exponents)
 
     def _reading(self, quantizer: _Quantizer, exponents: list[int]) -> float:
@@ -800,49 +789,29 @@ class _LambdaControl:
         quantizer = _Quantizer(twin)
         exponents = quantizer.search(_learned_exponents(twin), passes=2, reach=4)
         _fine_tune(twin, exponents, n)
-        quantizer, measured = self._measure(exponents, trainer=twin)
+        quantizer, measured = self._measure(exponents, twin)
         if not self.probed:
             measured -= self.first_probe_bias
         elif len(self.probed) == len(self.PROBE_AT) - 1:  # the last probe reads the finished stream
-            self.finish_offset = self._reading(*_finish(quantizer, exponents, full=False)) - measured
-            measured += self.finish_offset
+            measured = self._reading(*_finish(quantizer, exponents, full=False))
         self.probed.append((math.log(self.t.lmbda), measured))
         step = max(-math.log(16), min(math.log(16), (self._goal - measured) / self._slope))
         self._scale_lambda(math.exp(step))
         return len(self.probed) == 1 and abs(step) > math.log(self.RESTART_FACTOR)
 
-    def update(self, it: int, exponents: list[int]) -> None:
-        """Quantization-aware phase: code the network at its final steps and move lambda."""
-        if it % self.every:
-            return
-        refit = self.updates % self.DEPTH_REFIT == 0
-        self.updates += 1
-        quantizer, measured = self._measure(exponents, depths=None if refit else self.depths)
-        measured += self.finish_offset
-        if refit:  # the codes are cached by the measurement above
-            _, codes = quantizer.codes(exponents)
-            self.depths = {n: c.depth for n, c in zip(quantizer.float_params, codes) if isinstance(c, LatentCode)}
-        if self.target_bytes is not None:
-            factor = math.exp(measured - self._goal) ** self.GAIN
-        else:
-            factor = 2.0 ** (self.GAIN * (measured - self._goal) / self.DB_PER_DOUBLING)
-        self._scale_lambda(min(2.0, max(0.5, factor)))
-
     def _scale_lambda(self, factor: float) -> None:
         self.t.lmbda = min(self.bounds[1], max(self.bounds[0], self.t.lmbda * factor))
 
 
-def _fine_tune(trainer: _Trainer, exponents: list[int], n: int, report=None, control=None) -> None:
+def _fine_tune(trainer: _Trainer, exponents: list[int], n: int, report=None) -> None:
     """Quantization-aware phase: n steps with hard rounding (straight-through) at fixed steps,
-    the learning rate on a cosine from qat_lr; a rate control steers during its first 80%."""
+    the learning rate on a cosine from qat_lr."""
     trainer.rate.fix(exponents)
     for it in range(n):
         lr = trainer.tc.qat_lr * _lr_factor(it, n, 1)
         out = trainer.step(lr, _straight_through(trainer.params, exponents))
         if report:
             report(*out, it)
-        if control and it < 0.8 * n:
-            control.update(it, exponents)
 
 
 def _finish(quantizer: _Quantizer, exponents: list[int], full: bool = True) -> tuple[_Quantizer, list[int]]:
@@ -1215,8 +1184,8 @@ def encode(
 
     Rate control: `target_bytes` gives the largest stream not above that size (aiming within
     3% under it), `target_psnr` the smallest stream reaching that PSNR (aiming within 0.1 dB);
-    the quality level is chosen from the target and lambda is steered toward it during the
-    one training run.
+    the quality level is chosen from the target and lambda is set from probes during the one
+    training run.
     """
     array = load_image(image)
     height, width, channels = array.shape
@@ -1318,15 +1287,15 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
 
     trainer, it = start(candidates, lam)
     n_main, n_qat, lr_at = _schedule(trainer.tc)
-    # Rate control sets lambda from probes of the final stream during the main phase and steers
-    # it until 80% of the fine-tuning, then the step search lands on the target.
+    # Rate control sets lambda from probes of the finished stream during the main phase and
+    # holds it through the fine-tuning; the finished stream is then landed on the target.
     control = None
     if target_bytes is not None or target_psnr is not None:
         level = _nearest_level(lam)
         bias = 0.0  # measured on the hybrid ladder's own networks and schedules only
         if relevel:
             bias = math.log(FIRST_PROBE_OVERSIZE[level]) if target_bytes is not None else FIRST_PROBE_PSNR_OFFSET[level]
-        control = _LambdaControl(trainer, (width, height, trainer.model.config), target_bytes, target_psnr, every=25,
+        control = _LambdaControl(trainer, (width, height, trainer.model.config), target_bytes, target_psnr,
                                  first_probe_bias=bias)
     while it < n_main:
         report(*trainer.step(lr_at(it)), it)
@@ -1358,13 +1327,13 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
     exponents = quantizer.search(_learned_exponents(trainer), passes=2, reach=4)
 
     bar.set_description(f"{name} fine-tune")
-    _fine_tune(trainer, exponents, n_qat, report, control)
+    _fine_tune(trainer, exponents, n_qat, report)
     quantizer = _Quantizer(trainer)
     bar.set_description(f"{name} refine")
     finished, finished_exponents = _finish(quantizer, exponents)
     if control is not None and not _in_band(finished, finished_exponents, header, target_bytes, target_psnr):
-        # Rate control aimed lambda at the finished stream (`_LambdaControl.finish_offset`): move
-        # latent values into the band from there, else search the steps of the fine-tuned network.
+        # Rate control aimed lambda at the finished stream (`_LambdaControl.probe`): move latent
+        # values into the band from there, else search the steps of the fine-tuned network.
         finished = (_trim(finished, finished_exponents, header, target_bytes, target_psnr)
                     if cfg.coded_scales else None)
     if finished is not None:
@@ -1379,7 +1348,7 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
                 break
             exponents = _restart(quantizer, found or exponents, beyond, header, target_bytes)
             bar.total += n_qat // 2
-            _fine_tune(trainer, exponents, n_qat // 2, report, control)
+            _fine_tune(trainer, exponents, n_qat // 2, report)
             quantizer = _Quantizer(trainer)
         if not landed and cfg.coded_scales:  # the steps are too coarse a knob here
             quantizer, found = _land(quantizer, found, beyond, header, target_bytes, target_psnr)
