@@ -118,7 +118,7 @@ DEFAULT_LR = {"pure": (1e-2,) * 9, "hybrid": (3e-2,) * 5 + (1e-2,) * 4}
 # at quality 3 it cost 2-4% (bench/RESULTS.md 7n); quality 0 keeps 0.4 with it (not re-tuned, 8b).
 DEFAULT_COARSE_LATENT_RATE = {"pure": (1.0,) * 9, "hybrid": (0.4,) + (1.0,) * 8}
 LATENT_FACTOR_MIN = 0.25  # the least weight `_RateProxy.calibrate` gives a latent's proxy bits
-RATE_CONTROL_RETRIES = 2  # short controlled fine-tunes when the step search misses the target band
+RATE_CONTROL_RETRIES = 2  # short fine-tunes when the step search misses the target band
 SIZE_BAND = 0.97  # a size target lands in [SIZE_BAND, 1] x target_bytes ...
 PSNR_BAND_DB = 0.1  # ... a PSNR target in [target_psnr, target_psnr + PSNR_BAND_DB]
 
@@ -880,7 +880,7 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], header: tuple, ta
 
 def _restart(quantizer: _Quantizer, found: list[int], beyond: list[int] | None, header: tuple,
              target_bytes: int | None) -> list[int]:
-    """The steps a controlled fine-tuning starts from: for a size target, whichever of the
+    """The steps a fine-tuning after a missed band starts from: for a size target, whichever of the
     streams on either side of the band (`_rate_control`'s found and beyond) is nearer the goal.
     A step moves the size by up to ~40%, and the fine-tuning shrinks a stream a little over
     the target more readily than it grows one far under it (bench/RESULTS.md 7h)."""
@@ -1340,7 +1340,7 @@ def _encode_seed(seed: int, position: int = 0, *, target: torch.Tensor, lam: flo
         quantizer, exponents = finished, finished_exponents
     else:
         # Missing the band means the last steps of training moved the size: fine-tune a little
-        # longer under control (a warm start, not a new encode) and search again.
+        # longer (a warm start, not a new encode) and search again.
         for retry in range(RATE_CONTROL_RETRIES + 1):
             bar.set_description(f"{name} rate control")
             found, landed, beyond = _rate_control(quantizer, exponents, header, target_bytes, target_psnr)
