@@ -721,7 +721,7 @@ class _LambdaControl:
     Between probes lambda stays fixed.
     The quantization-aware phase then keeps lambda: steering it there with the coded stream
     every 25 steps wound it 1.2-3.3x the wrong way while the network answered slowly, and cost
-    0.15-0.29 dB on size targets and 7-15% of the bytes on PSNR targets (bench/RESULTS.md 8e).
+    up to 0.29 dB on size targets and 7-15% of the bytes on PSNR targets (bench/RESULTS.md 8e).
     """
 
     PROBE_AT = (0.1, 0.4)  # fractions of the main phase
