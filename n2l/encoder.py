@@ -446,10 +446,8 @@ def _output_mse(trainer: _Trainer, params: dict[str, torch.Tensor]) -> float:
 class _Quantizer:
     """Evaluates MSE + lambda * bpp of the network quantized with given per-tensor exponents."""
 
-    def __init__(self, trainer: _Trainer, float_params: dict[str, torch.Tensor] | None = None,
-                 depths: dict[str, int] | None = None):
+    def __init__(self, trainer: _Trainer, float_params: dict[str, torch.Tensor] | None = None):
         self.t = trainer
-        self.depths = depths or {}  # latent name -> coder depth to use instead of fitting one
         self.lmbda = trainer.lmbda
         self.float_params = float_params or {n: p.detach().clone() for n, p in trainer.params.items()}
         self.cache: dict[tuple[str, int], tuple] = {}
@@ -462,7 +460,7 @@ class _Quantizer:
             q = quantize(self.float_params[name], exponent)
             latent = name.startswith("coded.")
             q = q[0] if latent else q  # a latent is coded as [C, h, w]
-            code = fit_code(q, exponent, latent=latent, depth=self.depths.get(name))
+            code = fit_code(q, exponent, latent=latent)
             self.cache[key] = (q, code, tensor_bits(q, code))
         return self.cache[key]
 
@@ -1062,7 +1060,7 @@ def _exact_moves(quantizer: _Quantizer, exponents: list[int], visits, keep=None)
             changed.add(name)
     if not changed:
         return quantizer
-    refined = _Quantizer(t, {**quantizer.float_params, **{name: params[name] for name in changed}}, quantizer.depths)
+    refined = _Quantizer(t, {**quantizer.float_params, **{name: params[name] for name in changed}})
     refined.lmbda = quantizer.lmbda
     refined.cache = {key: entry for key, entry in quantizer.cache.items() if key[0] not in changed}
     better = refined.cost(exponents) < quantizer.cost(exponents) and (keep is None or keep(refined))
