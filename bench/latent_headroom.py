@@ -22,25 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from n2l import bitstream
-from n2l.weights import context_levels, decode_tensors, pass_geometry, tensor_bits
+from n2l.weights import context_levels, decode_tensors, laplace_bin_bits, pass_geometry, tensor_bits
 
 VARIANTS = ("free scales", "linear", "cross-scale")
 SCALES = 2.0 ** np.arange(-6, 8, 0.125)  # the scale grid of the fits, in units of the step
 
 
-def laplace_bits(x: np.ndarray, mean: np.ndarray, scale: float) -> np.ndarray:
-    """Bits of integers x under Laplace(mean, scale) integrated over [x - 1/2, x + 1/2]."""
-    def cdf(t: np.ndarray) -> np.ndarray:
-        z = (t - mean) / scale
-        return np.where(z < 0, 0.5 * np.exp(np.minimum(z, 0)), 1 - 0.5 * np.exp(-np.maximum(z, 0)))
-    return -np.log2(np.maximum(cdf(x + 0.5) - cdf(x - 0.5), 1e-12))
-
-
 def fitted_bits(x: np.ndarray, features: np.ndarray, level: np.ndarray) -> float:
     """Bits of x with a least-squares mean from `features` and the best scale per context level."""
     mean = features @ np.linalg.lstsq(features, x, rcond=None)[0] if features.size else np.zeros_like(x)
-    return sum(min(laplace_bits(x[at], mean[at], s).sum() for s in SCALES)
-               for at in (level == v for v in np.unique(level)))
+    distance = torch.from_numpy(np.abs(x - mean))
+    return sum(min(float(laplace_bin_bits(distance[at], s).sum()) for s in SCALES)
+               for at in (torch.from_numpy(level == v) for v in np.unique(level)))
 
 
 def latent_bits(q: np.ndarray, n_passes: int, coarser: np.ndarray | None) -> np.ndarray:
