@@ -47,8 +47,8 @@ def latent_bits(q: np.ndarray, n_passes: int, coarser: np.ndarray | None) -> np.
     for mask, offsets in pass_geometry(n_passes, h, w):
         ys, xs = np.nonzero(mask)
         x = q[ys, xs].astype(np.float64)
-        known = np.pad(np.where(decoded, q, 0).astype(np.float64), 2 * h + 2 * w)
         r = 2 * h + 2 * w  # padding wide enough for any offset
+        known = np.pad(np.where(decoded, q, 0).astype(np.float64), r)  # the values decoded before this pass
         at = lambda offs: np.stack([known[ys + r + a, xs + r + b] for a, b in offs], 1)  # noqa: E731
         if offsets:
             near = at(offsets)
