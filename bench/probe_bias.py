@@ -38,12 +38,11 @@ def probe_reading(image: str, level: int, plain_bytes: int, probe: int = 1) -> t
     control = encoder._LambdaControl
     original = control._reading, control._scale_lambda, control.RESTART_FACTOR, encoder._quality_for_target
     readings = []
-    used = {1: 1, 2: 3}[probe]  # an encode's first readings: probe 1; probe 2 before and after `_finish`
 
     def reading(self: encoder._LambdaControl, quantizer: encoder._Quantizer, exponents: list[int]) -> float:
         log_size = original[0](self, quantizer, exponents)
         readings.append(log_size)
-        if len(readings) == used:
+        if len(readings) == probe:  # an encode's first readings are its probes'
             raise _Read(round(math.exp(log_size)), quantizer.psnr(exponents))
         return log_size
 

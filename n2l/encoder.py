@@ -739,12 +739,8 @@ class _LambdaControl:
         self.probed: list[tuple[float, float]] = []  # (log lambda, log size or PSNR in dB) per probe
         self.secant_from = 0  # probes before this one measured another network
 
-    def _measure(self, exponents: list[int], trainer: _Trainer) -> tuple[_Quantizer, float]:
-        """(quantizer, log size in bytes or PSNR in dB, whichever the target is) at these steps."""
-        quantizer = _Quantizer(trainer)
-        return quantizer, self._reading(quantizer, exponents)
-
     def _reading(self, quantizer: _Quantizer, exponents: list[int]) -> float:
+        """Log size in bytes or PSNR in dB (whichever the target is) of the stream at these steps."""
         if self.target_bytes is not None:
             return math.log(len(_bitstream(quantizer, exponents, *self.header)))
         return quantizer.psnr(exponents)
@@ -787,11 +783,11 @@ class _LambdaControl:
         quantizer = _Quantizer(twin)
         exponents = quantizer.search(_learned_exponents(twin), passes=2, reach=4)
         _fine_tune(twin, exponents, n)
-        quantizer, measured = self._measure(exponents, twin)
-        if not self.probed:
-            measured -= self.first_probe_bias
-        elif len(self.probed) == len(self.PROBE_AT) - 1:  # the last probe reads the finished stream
+        quantizer = _Quantizer(twin)
+        if len(self.probed) == len(self.PROBE_AT) - 1:  # the last probe reads the finished stream
             measured = self._reading(*_finish(quantizer, exponents, full=False))
+        else:
+            measured = self._reading(quantizer, exponents) - (0.0 if self.probed else self.first_probe_bias)
         self.probed.append((math.log(self.t.lmbda), measured))
         step = max(-math.log(16), min(math.log(16), (self._goal - measured) / self._slope))
         self._scale_lambda(math.exp(step))

@@ -384,11 +384,12 @@ def test_rate_control_probes_set_lambda_from_the_fine_tuned_stream(crop64, monke
     # The second probe: sizes e^8 at lambda 1e-2 and e^7 at lambda 4e-2, a secant of -1 / ln 4.
     control.probed = [(math.log(1e-2), 8.0)]
     trainer.lmbda = 4e-2
-    monkeypatch.setattr(control, "_measure", lambda *a, **k: (None, 7.5))  # before the finish ...
-    monkeypatch.setattr(encoder, "_finish", lambda quantizer, exponents, full: (quantizer, exponents))
-    monkeypatch.setattr(control, "_reading", lambda *a: 7.0)  # ... and after it
+    finished = []  # the `full` argument of each `_finish` call
+    monkeypatch.setattr(encoder, "_finish", lambda q, exponents, full: finished.append(full) or (q, exponents))
+    monkeypatch.setattr(control, "_reading", lambda *a: 7.0)
     control.target_bytes = round(math.exp(6.0) / control.SIZE_GOAL)
     assert not control.probe(1)  # only the first probe restarts
+    assert finished == [False]  # it read the stream after the latents' RDOQ
     assert trainer.lmbda == pytest.approx(4e-2 * 4, rel=1e-2)  # the goal is one more e down: lambda x4
     assert not control.needs_probe(99, 100)
 
@@ -401,7 +402,6 @@ def test_rate_control_discounts_the_first_probes_bias(crop64, monkeypatch):
     trainer = encoder._Trainer(config, 0, to_tensor(crop64), 1e-2, encoder.TrainingConfig())
     target = round(math.exp(8.0) / encoder._LambdaControl.SIZE_GOAL)
     control = encoder._LambdaControl(trainer, (64, 64, config), target, None, first_probe_bias=0.5)
-    monkeypatch.setattr(control, "_measure", lambda *a, **k: (None, 8.5))
     monkeypatch.setattr(encoder, "_finish", lambda quantizer, exponents, full: (quantizer, exponents))
     monkeypatch.setattr(control, "_reading", lambda *a: 8.5)
     assert not control.probe(1)
