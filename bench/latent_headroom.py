@@ -78,11 +78,14 @@ def main() -> None:
         weights = sum(tensor_bits(q, c) for q, c in zip(qs[:n], header.codes[:n])) / 8
         coder, ideal, coarser = 0.0, np.zeros(len(VARIANTS)), None
         for q, code in zip(qs[n:], header.codes[n:]):
-            for channel in q:  # latents are [C, h, w]; the coder's fit is per latent, these per channel
-                if code.max_abs:
-                    ideal += latent_bits(channel, len(code.passes), coarser)
-            coder += tensor_bits(q, code) if code.max_abs else 0.0
-            coarser = q[0]
+            if code.max_abs:  # latents are [C, h, w]; the coder's fit is per latent, these per channel
+                coder += tensor_bits(q, code)
+                ideal += sum(latent_bits(channel, len(code.passes), None if coarser is None else coarser[c])
+                             for c, channel in enumerate(q))
+            coarser = q
+        if not coder:
+            print(f"{path.name}: no transmitted latents")
+            continue
         ratios = ", ".join(f"{v} {b / coder:.3f}x" for v, b in zip(VARIANTS, ideal))
         print(f"{path.name}: {len(buf)} B (weights {weights:.0f} B, latents {coder / 8:.0f} B); latents: {ratios}")
 
