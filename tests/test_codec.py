@@ -250,6 +250,31 @@ def test_rate_control_moves_up_the_ladder_to_the_network_of_the_level_its_lambda
     assert biases == [pytest.approx(ladder)] * 2 + [0.0] and ladder != 0
 
 
+def test_starting_over_trains_only_what_is_left_of_the_main_phase(crop64, monkeypatch):
+    """After the first probe starts training over, the new run's schedule is shortened by the
+    steps already spent: the main phase takes as many steps in all as a plain encode's."""
+    from n2l import encoder
+
+    first_probe, step, noisy_steps = encoder._LambdaControl.probe, encoder._Trainer.step, []
+
+    def counting_step(trainer, lr, params=None):
+        noisy_steps.append(params is None)  # the main phase's steps; fine-tuning passes rounded weights
+        return step(trainer, lr, params)
+
+    def probe(control, n):
+        if control.probed:
+            return first_probe(control, n)
+        control.probed.append((math.log(control.t.lmbda), 0.0))
+        control.t.lmbda *= 0.3
+        return True
+
+    monkeypatch.setattr(encoder._Trainer, "step", counting_step)
+    monkeypatch.setattr(encoder._LambdaControl, "probe", probe)
+    n2l.encode(crop64, config=encoder.HYBRID_CONFIGS[2], iterations=100, target_bytes=2000, verbose=False)
+    n_main = encoder._schedule(encoder.TrainingConfig(iterations=100))[0]
+    assert sum(noisy_steps) == n_main
+
+
 @pytest.fixture(scope="module")
 def hybrid_quantizer(crop64):
     """A briefly trained hybrid network, quantized at its searched steps."""
