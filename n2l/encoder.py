@@ -109,9 +109,10 @@ DEFAULT_MODE = "hybrid"
 DEFAULT_ITERATIONS = {"pure": (2000,) * 9, "hybrid": (24000,) * 3 + (20000,) * 2 + (18000,) * 4}
 # Peak learning rate per mode and quality: hybrid levels 0-4 gain from a higher one at 16000
 # iterations (one crop each, RD cost against 1e-2: quality 3 -2.8% at 2e-2, -3.9% at 3e-2,
-# -3.0% at 4e-2; quality 0 -3.2% at 2e-2, -7.9% at 3e-2). Quality 6 did not (+0.4% at 2e-2).
-# bench/RESULTS.md 7m.
-DEFAULT_LR = {"pure": (1e-2,) * 9, "hybrid": (3e-2,) * 5 + (1e-2,) * 4}
+# -3.0% at 4e-2; quality 0 -3.2% at 2e-2, -7.9% at 3e-2; bench/RESULTS.md 7m). Levels 5-8 at
+# their 18000 iterations gain a little from 2e-2 over 1e-2: RD cost -0.3% at quality 6 and -1.9%
+# at quality 8 on eight crops, BD-rate -0.5% (8g).
+DEFAULT_LR = {"pure": (1e-2,) * 9, "hybrid": (3e-2,) * 5 + (2e-2,) * 4}
 # Weight of the coarse coded latents (all but the finest) in the training rate proxy, on top of
 # each latent's calibration to the coder (`_RateProxy.calibrate`). Before that calibration
 # existed, a lighter charge paid at quality 0: RD cost -4.4% to -11.7% on 4 crops at 0.4, while
