@@ -844,6 +844,14 @@ def _rate_control(quantizer: _Quantizer, exponents: list[int], header: tuple, ta
     or the found one when its PSNR is above the band), for `_trim`, or None.
     """
     lo, hi = math.log(quantizer.lmbda) - 4, math.log(quantizer.lmbda) + 4
+    if target_bytes is not None:
+        # Streams still over the target at the top of the range (the probes drove lambda far
+        # down, e.g. on a tiny image where the network weighs most): move the range up.
+        for _ in range(3):
+            quantizer.lmbda = math.exp(hi)
+            if len(_bitstream(quantizer, quantizer.search(exponents, passes=2, reach=4), *header)) <= target_bytes:
+                break
+            lo, hi = hi, hi + 8
     best: tuple[int, list[int]] | None = None  # (size, exponents)
     over: tuple[int, list[int]] | None = None  # the smallest stream over a size target
     closest = (-math.inf, exponents)  # highest PSNR seen, for an unreachable PSNR target

@@ -311,6 +311,21 @@ def test_latent_refinement_lands_between_the_steps(crop64, hybrid_quantizer, kin
         assert (len(buf) < size) == (target_psnr < psnr)
 
 
+def test_step_bisection_moves_up_when_every_stream_in_its_range_is_too_large(hybrid_quantizer):
+    """Rate control's step bisection spans lambda x e^(+-4); when the probes left lambda so low
+    that every stream in that span is over a size target, it moves the span up instead of
+    reporting the target unreachable."""
+    from n2l.encoder import _bitstream, _rate_control
+    quantizer, exponents, header = hybrid_quantizer
+    lmbda, target = quantizer.lmbda, round(0.9 * len(_bitstream(quantizer, exponents, *header)))
+    try:
+        quantizer.lmbda = lmbda * 1e-4
+        found, _, _ = _rate_control(quantizer, exponents, header, target, None)
+    finally:
+        quantizer.lmbda = lmbda
+    assert found is not None and len(_bitstream(quantizer, found, *header)) <= target
+
+
 def test_refinement_lowers_the_rd_cost(hybrid_quantizer):
     """RDOQ of the latents at the encode's lambda: the refined network costs less than the
     plain rounding (this short training leaves moves that pay); nothing `keep` refuses is kept."""
