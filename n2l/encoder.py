@@ -648,6 +648,13 @@ TYPICAL_PSNR = (22.0, 22.5, 23.0, 24.0, 25.5, 27.0, 29.0, 30.5, 32.0)
 HYBRID_LOG_BPP_FIT = (-4.583, 0.4351, -0.00518, 0.577, -0.01168)
 HYBRID_PSNR_FIT = (39.25, -0.3142, 0.0742, -2.887, 0.3387)
 HYBRID_FIT_TEXTURE = (17.0, 319.0)  # the fitted crops' range of t: beyond it, its ends (no extrapolation)
+# A hybrid quality level trains every image at about the same price of a decibel, not of a unit
+# of MSE: d(PSNR) is proportional to dMSE / MSE, so lambda (on the MSE) is scaled by the MSE the
+# image typically reaches at that level (`quality_lambda`). Bits go where a decibel is cheap:
+# smooth images get more, textured ones fewer, and the mean PSNR over images at one level rises
+# for the same mean rate (bench/RESULTS.md 8h). At this texture (about the geometric mean of the
+# fitted crops', 99.6) the scale is 1.
+HYBRID_REFERENCE_TEXTURE = 100.0
 TEXTURE_PIXELS = 2048 * 2048  # larger images are measured on a centre crop of this size
 # Rate control's first probe (`_LambdaControl.probe`, at 10% of the main phase) reads a young
 # network, whose latents are denser and whose PSNR is lower than the plain stream's at the same
@@ -674,14 +681,26 @@ def texture(array: np.ndarray) -> float:
     return max(1.0, float(((smooth - x) ** 2).mean()))
 
 
+def _hybrid_fit(c: tuple[float, ...], q: int, log_texture: float) -> float:
+    return c[0] + c[1] * q + c[2] * q * q + (c[3] + c[4] * q) * log_texture
+
+
 def typical_hybrid_rd(array: np.ndarray) -> list[tuple[float, float]]:
-    """(bpp, PSNR) a plain hybrid encode of this image typically reaches at each quality level."""
+    """(bpp, PSNR) a hybrid encode of this image typically reaches at each level's own lambda
+    (QUALITY_LAMBDAS, as rate control starts from)."""
     t = math.log(min(max(texture(array), HYBRID_FIT_TEXTURE[0]), HYBRID_FIT_TEXTURE[1]))
+    return [(math.exp(_hybrid_fit(HYBRID_LOG_BPP_FIT, q, t)), _hybrid_fit(HYBRID_PSNR_FIT, q, t))
+            for q in range(len(QUALITY_LAMBDAS))]
 
-    def fit(c: tuple[float, ...], q: int) -> float:
-        return c[0] + c[1] * q + c[2] * q * q + (c[3] + c[4] * q) * t
 
-    return [(math.exp(fit(HYBRID_LOG_BPP_FIT, q)), fit(HYBRID_PSNR_FIT, q)) for q in range(len(QUALITY_LAMBDAS))]
+def quality_lambda(quality: int, mode: str, array: np.ndarray) -> float:
+    """The lambda quality level `quality` trains this image at. In hybrid mode a level prices a
+    decibel rather than a unit of MSE: its lambda is scaled by the MSE this image typically
+    reaches there over that of an image of HYBRID_REFERENCE_TEXTURE."""
+    if mode != "hybrid":
+        return QUALITY_LAMBDAS[quality]
+    reference = _hybrid_fit(HYBRID_PSNR_FIT, quality, math.log(HYBRID_REFERENCE_TEXTURE))
+    return QUALITY_LAMBDAS[quality] * 10 ** ((reference - typical_hybrid_rd(array)[quality][1]) / 10)
 
 
 def _nearest_level(lmbda: float) -> int:
@@ -1150,10 +1169,14 @@ def network_structures(quality: int, mode: str = DEFAULT_MODE,
 
 
 def _resolve(quality: int, preset_name: str | None, lmbda: float | None, config: ModelConfig | None,
-             mode: str) -> tuple[float, tuple[tuple[ModelConfig, int], ...]]:
-    """lambda and the networks to try with their iterations (`config` alone if given)."""
+             mode: str, array: np.ndarray, rate_control: bool) -> tuple[float, tuple[tuple[ModelConfig, int], ...]]:
+    """lambda (rate control's start: the level's own) and the networks to try with their
+    iterations (`config` alone if given)."""
     structures = network_structures(quality, mode, preset_name)
-    lam = QUALITY_LAMBDAS[quality] if lmbda is None else float(lmbda)
+    if lmbda is not None:
+        lam = float(lmbda)
+    else:
+        lam = QUALITY_LAMBDAS[quality] if rate_control else quality_lambda(quality, mode, array)
     if lam <= 0 or not math.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lmbda}")
     return lam, structures if config is None else ((config, structures[0][1]),)
@@ -1198,9 +1221,10 @@ def encode(
         raise ValueError("give at most one of target_bytes and target_psnr")
     if target_bytes is not None and target_bytes < 1:
         raise ValueError(f"target_bytes must be positive, got {target_bytes}")
-    if target_bytes is not None or target_psnr is not None:
+    rate_control = target_bytes is not None or target_psnr is not None
+    if rate_control:
         quality = _quality_for_target(mode, array, target_bytes, target_psnr)
-    lam, structures = _resolve(quality, preset, lmbda, config, mode)
+    lam, structures = _resolve(quality, preset, lmbda, config, mode, array, rate_control)
     if iterations is not None and iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
 

@@ -101,7 +101,7 @@ def test_mode_conversions_and_rejections(crop64):
 
 def _rd_cost(img: np.ndarray, buf: bytes, quality: int) -> float:
     mse = np.mean((n2l.decode(buf, device="cpu").astype(np.float64) - img) ** 2) / 255**2
-    return mse + n2l.encoder.QUALITY_LAMBDAS[quality] * 8 * len(buf) / (img.shape[0] * img.shape[1])
+    return mse + n2l.encoder.quality_lambda(quality, "hybrid", img) * 8 * len(buf) / (img.shape[0] * img.shape[1])
 
 
 def test_seed_candidates_keep_the_best_single_seed_stream(crop64):
@@ -384,6 +384,28 @@ def test_targets_start_at_the_level_typical_of_the_image(crop64):
         rd = typical_hybrid_rd(extreme)
         assert all(b0 < b1 and p0 < p1 for (b0, p0), (b1, p1) in zip(rd, rd[1:]))
     assert texture(crop64[:1, :1]) == 1.0  # too small to measure
+
+
+def test_a_hybrid_level_prices_a_decibel_per_image(crop64, monkeypatch):
+    """A hybrid level's lambda is scaled by the MSE the image typically reaches there (the same
+    dB per bit for every image): textured images train at a higher lambda, smooth ones at a
+    lower; an image of the reference texture at the level's own. Pure mode, an explicit lambda
+    and rate control's starting lambda keep the level's own."""
+    from n2l.encoder import HYBRID_REFERENCE_TEXTURE, QUALITY_LAMBDAS, _resolve, quality_lambda, typical_hybrid_rd
+    flat = np.full_like(crop64, 128)
+    noise = np.random.default_rng(0).integers(0, 256, crop64.shape, dtype=np.uint8)
+    for q in range(9):
+        smooth, textured = (quality_lambda(q, "hybrid", a) / QUALITY_LAMBDAS[q] for a in (flat, noise))
+        assert smooth < 1 < textured
+        gap = typical_hybrid_rd(flat)[q][1] - typical_hybrid_rd(noise)[q][1]  # dB
+        assert textured / smooth == pytest.approx(10 ** (gap / 10))  # the ratio of their typical MSEs
+        assert quality_lambda(q, "pure", noise) == QUALITY_LAMBDAS[q]
+    monkeypatch.setattr(n2l.encoder, "texture", lambda array: HYBRID_REFERENCE_TEXTURE)
+    assert quality_lambda(4, "hybrid", noise) == pytest.approx(QUALITY_LAMBDAS[4])
+    monkeypatch.undo()
+    assert _resolve(4, None, None, None, "hybrid", noise, rate_control=False)[0] == quality_lambda(4, "hybrid", noise)
+    assert _resolve(4, None, None, None, "hybrid", noise, rate_control=True)[0] == QUALITY_LAMBDAS[4]
+    assert _resolve(4, None, 1e-3, None, "hybrid", noise, rate_control=False)[0] == 1e-3
 
 
 @pytest.mark.parametrize(

@@ -312,7 +312,12 @@ class N2LCodec:
                 training_defaults[name] = defaults[mode]
         # The networks tried per quality and their iterations, as a digest (the full list would swamp the report).
         structures = json.dumps([[(asdict(c), n) for c, n in network_structures(q, mode, preset)] for q in range(9)])
-        self.settings = {**self._kwargs, "training_defaults": training_defaults,
+        # How a quality level sets lambda (in hybrid mode scaled per image: `n2l.encoder.quality_lambda`).
+        lambda_rule = {"lambdas": getattr(encoder, "QUALITY_LAMBDAS", None)}
+        if mode == "hybrid" and hasattr(encoder, "HYBRID_REFERENCE_TEXTURE"):
+            lambda_rule.update(reference_texture=encoder.HYBRID_REFERENCE_TEXTURE, psnr_fit=encoder.HYBRID_PSNR_FIT,
+                               texture_range=encoder.HYBRID_FIT_TEXTURE)
+        self.settings = {**self._kwargs, "training_defaults": training_defaults, "lambda_rule": lambda_rule,
                          "structures_sha256": hashlib.sha256(structures.encode()).hexdigest()[:16],
                          "n2l_version": getattr(n2l, "__version__", "unknown")}
         self.versions = {"n2l": str(getattr(n2l, "__version__", "unknown")), "torch": _torch_version()}
