@@ -21,7 +21,7 @@ import numpy as np
 from common import REPO, kodak_crop, rd_cost
 
 import n2l
-from n2l.encoder import HYBRID_CONFIGS, QUALITY_LAMBDAS
+from n2l.encoder import HYBRID_CONFIGS, quality_lambda
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -43,7 +43,7 @@ def main() -> None:
     for image in args.images:
         img = kodak_crop(image, args.crop)
         for q in args.qualities:
-            lmbda = QUALITY_LAMBDAS[q]
+            lmbda = quality_lambda(q, "hybrid", img)
             base = None
             for name, fields in [("base", {}), *args.variants]:
                 config = replace(HYBRID_CONFIGS[q], **fields)

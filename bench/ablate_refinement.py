@@ -39,7 +39,7 @@ def main() -> None:
         buf = path.read_bytes()
         header, model = load_model(buf)
         img = center_crop(n2l.load_image(args.kodak_dir / f"{image}.png"), header.width)
-        lmbda = encoder.QUALITY_LAMBDAS[int(quality)]
+        lmbda = encoder.quality_lambda(int(quality), "hybrid" if header.config.coded_scales else "pure", img)
         trainer = encoder._Trainer(header.config, header.seed, to_tensor(img), lmbda, encoder.TrainingConfig())
         with torch.no_grad():
             for mine, decoded in zip(trainer.model.parameters(), model.parameters()):

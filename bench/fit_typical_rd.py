@@ -7,6 +7,9 @@ Reads n2l's rows of an eight-crop eval and the plain encodes that rate control r
 log bpp and PSNR ~ c0 + c1 q + c2 q^2 + c3 log t + c4 q log t, t = `n2l.encoder.texture` of the
 crop. Prints the coefficients (n2l.encoder.HYBRID_LOG_BPP_FIT, HYBRID_PSNR_FIT), the residuals'
 spread, and the spread when each image is left out of the fit, against a fit without texture.
+The fit describes encodes at each level's own lambda (QUALITY_LAMBDAS, where rate control
+starts): give it runs from before the per-image lambda of `n2l.encoder.quality_lambda` (8h,
+e.g. 8b's eval) or rescale, since a plain encode now trains at the image's own lambda.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 from common import KODAK, REPO, rd_cost
 
 import n2l
-from n2l.encoder import QUALITY_LAMBDAS
+from n2l.encoder import quality_lambda
 from n2l.evaluate.runner import center_crop
 
 
@@ -45,7 +45,7 @@ def main() -> None:
         psnr = n2l.psnr(n2l.decode(buf, device="cpu", backend="torch"), img)
         bpp = 8 * len(buf) / pixels
         rows.append({"iterations": iterations, "bpp": bpp, "psnr": psnr, "encode_s": time.perf_counter() - t,
-                     "rd_cost": rd_cost(psnr, bpp, QUALITY_LAMBDAS[args.quality])})
+                     "rd_cost": rd_cost(psnr, bpp, quality_lambda(args.quality, args.mode, img))})
         print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"image": Path(args.image).name, "crop": args.crop, "device": args.device,

@@ -27,7 +27,7 @@ import torch
 from common import KODAK
 
 from n2l import bitstream
-from n2l.encoder import QUALITY_LAMBDAS, TrainingConfig, _bitstream, _polish, _Quantizer, _Trainer
+from n2l.encoder import TrainingConfig, _bitstream, _polish, _Quantizer, _Trainer, quality_lambda
 from n2l.evaluate.codecs import N2LCodec
 from n2l.evaluate.runner import load_images, measure
 from n2l.images import to_tensor
@@ -84,11 +84,11 @@ def main() -> None:
         (image,) = load_images([KODAK / f"{row['image']}.png"], crop=256)
         if image.sha256 != row["image_sha256"]:
             raise SystemExit(f"{row['image']}: not the crop the run measured")
+        lam = quality_lambda(row["quality"], "hybrid", image.pixels)
         start = time.perf_counter()
-        buf = refine(path.read_bytes(), image.pixels, QUALITY_LAMBDAS[row["quality"]], threads)
+        buf = refine(path.read_bytes(), image.pixels, lam, threads)
         spent = time.perf_counter() - start
         new = measure(image, _Stored(buf), row["quality"], args.out / "bitstreams")
-        lam = QUALITY_LAMBDAS[row["quality"]]
         before, after = (r["mse"] / 255**2 + lam * r["bpp"] for r in (row, new))
         print(f"{row['image']} q{row['quality']}: {row['bytes']} B {row['psnr']:.3f} dB -> {new['bytes']} B "
               f"{new['psnr']:.3f} dB, J {after / before - 1:+.2%}, {spent:.1f} s", flush=True)

@@ -391,21 +391,21 @@ def test_a_hybrid_level_prices_a_decibel_per_image(crop64, monkeypatch):
     dB per bit for every image): textured images train at a higher lambda, smooth ones at a
     lower; an image of the reference texture at the level's own. Pure mode, an explicit lambda
     and rate control's starting lambda keep the level's own."""
-    from n2l.encoder import HYBRID_REFERENCE_TEXTURE, QUALITY_LAMBDAS, _resolve, quality_lambda, typical_hybrid_rd
+    from n2l import encoder
     flat = np.full_like(crop64, 128)
     noise = np.random.default_rng(0).integers(0, 256, crop64.shape, dtype=np.uint8)
     for q in range(9):
-        smooth, textured = (quality_lambda(q, "hybrid", a) / QUALITY_LAMBDAS[q] for a in (flat, noise))
+        smooth, textured = (encoder.quality_lambda(q, "hybrid", a) / encoder.QUALITY_LAMBDAS[q] for a in (flat, noise))
         assert smooth < 1 < textured
-        gap = typical_hybrid_rd(flat)[q][1] - typical_hybrid_rd(noise)[q][1]  # dB
+        gap = encoder.typical_hybrid_rd(flat)[q][1] - encoder.typical_hybrid_rd(noise)[q][1]  # dB
         assert textured / smooth == pytest.approx(10 ** (gap / 10))  # the ratio of their typical MSEs
-        assert quality_lambda(q, "pure", noise) == QUALITY_LAMBDAS[q]
-    monkeypatch.setattr(n2l.encoder, "texture", lambda array: HYBRID_REFERENCE_TEXTURE)
-    assert quality_lambda(4, "hybrid", noise) == pytest.approx(QUALITY_LAMBDAS[4])
+        assert encoder.quality_lambda(q, "pure", noise) == encoder.QUALITY_LAMBDAS[q]
+    monkeypatch.setattr(encoder, "texture", lambda array: encoder.HYBRID_REFERENCE_TEXTURE)
+    assert encoder.quality_lambda(4, "hybrid", noise) == pytest.approx(encoder.QUALITY_LAMBDAS[4])
     monkeypatch.undo()
-    assert _resolve(4, None, None, None, "hybrid", noise, rate_control=False)[0] == quality_lambda(4, "hybrid", noise)
-    assert _resolve(4, None, None, None, "hybrid", noise, rate_control=True)[0] == QUALITY_LAMBDAS[4]
-    assert _resolve(4, None, 1e-3, None, "hybrid", noise, rate_control=False)[0] == 1e-3
+    lam = {rc: encoder._resolve(4, None, None, None, "hybrid", noise, rate_control=rc)[0] for rc in (False, True)}
+    assert lam == {False: encoder.quality_lambda(4, "hybrid", noise), True: encoder.QUALITY_LAMBDAS[4]}
+    assert encoder._resolve(4, None, 1e-3, None, "hybrid", noise, rate_control=False)[0] == 1e-3
 
 
 @pytest.mark.parametrize(
