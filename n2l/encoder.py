@@ -1206,8 +1206,8 @@ def encode(
     quality (0..8) picks lambda (in hybrid mode scaled to the image: `quality_lambda`) and,
     unless `preset` or `config` is given, the architecture; `lmbda` overrides the lambda. `mode`
     is "pure" (the paper's design: every latent is generated from seeded noise) or "hybrid"
-    (the coarse latent scales are transmitted, see
-    HYBRID_CONFIGS; with `preset`, all of them; 18000-24000 iterations by default instead of 2000).
+    (the coarse latent scales are transmitted, see HYBRID_CONFIGS; with `preset`, all of them;
+    18000-24000 iterations by default instead of 2000).
     `seeds` > 1 encodes that many candidates (noise seeds seed, seed+1, ...) side by side, each
     on its share of torch's threads (the cores), and keeps the stream of lowest MSE + lambda * bpp (under
     rate control: the best one that meets the target). `verbose` shows progress bars.
