@@ -34,7 +34,6 @@ struct Net {
   float* ys[kMaxScales] = {};  // ys[0] unused: scale 0 is streamed into the synthesis
   const float* y0_coded = nullptr;  // scale 0's transmitted latent [C, H, W] when it is coded
   bool bicubic = false;  // the synthesis upsamples the latents with the bicubic kernel (else bilinear)
-  float slope = 0.0f;  // the activation's slope below 0 (0: ReLU)
 };
 
 // The encoder's training kernels of one variant (train.cpp), each false if out of memory. A
@@ -54,13 +53,12 @@ struct TrainKernels {
   // The same with bicubic upsampling (FORMAT.md, the synthesis' kernel when signalled).
   bool (*upsample_cubic)(const float* x, int C, int h, int w, int factor, int H, int W, float* y);
   bool (*upsample_cubic_backward)(const float* gy, int C, int h, int w, int factor, int H, int W, float* gx);
-  // 1x1 layers (k = 1, widths <= kMaxWidth) with the activation of `slope` (0: ReLU) between
-  // them, y [cout, N] from x [cin, N], on pixels [p0, p1); and their backward: gx of those
-  // pixels, and into grads (overwritten) the parameter gradients of those pixels only, per
-  // layer its weight then its bias.
-  bool (*pointwise)(const float* x, int N, const Layer* layers, int n_layers, float slope, float* y, int p0, int p1);
-  bool (*pointwise_backward)(const float* x, const float* gy, int N, const Layer* layers, int n_layers, float slope,
-                             float* gx, float* grads, int p0, int p1);
+  // 1x1 layers (k = 1, widths <= kMaxWidth) with ReLU between them, y [cout, N] from x [cin, N],
+  // on pixels [p0, p1); and their backward: gx of those pixels, and into grads (overwritten)
+  // the parameter gradients of those pixels only, per layer its weight then its bias.
+  bool (*pointwise)(const float* x, int N, const Layer* layers, int n_layers, float* y, int p0, int p1);
+  bool (*pointwise_backward)(const float* x, const float* gy, int N, const Layer* layers, int n_layers, float* gx,
+                             float* grads, int p0, int p1);
 };
 
 // The entry points of one instruction-set variant.

@@ -66,7 +66,7 @@ inline vf vsoftplus(vf x) {
 // rows already offset to the chunk (and, for K = 3, to the left halo column).
 template <int OBN, int K>
 inline void conv_block(const float* const* rows, int cin, const float* __restrict w,
-                       const float* __restrict b, int o0, float* __restrict out, bool act, float slope) {
+                       const float* __restrict b, int o0, float* __restrict out, bool relu) {
   vf acc[OBN][NV];
   for (int j = 0; j < OBN; ++j)
     for (int v = 0; v < NV; ++v) acc[j][v] = bcast(b[o0 + j]);
@@ -87,26 +87,26 @@ inline void conv_block(const float* const* rows, int cin, const float* __restric
   }
   for (int j = 0; j < OBN; ++j)
     for (int v = 0; v < NV; ++v)
-      storeu(out + (o0 + j) * P + v * VL, act ? vact(acc[j][v], slope) : acc[j][v]);
+      storeu(out + (o0 + j) * P + v * VL, relu ? vmax0(acc[j][v]) : acc[j][v]);
 }
 
 template <int K>
-void conv_chunk(const float* const* rows, const Layer& L, float* out, bool act = false, float slope = 0.0f) {
+void conv_chunk(const float* const* rows, const Layer& L, float* out, bool relu) {
   int o = 0;
-  for (; o + OB <= L.cout; o += OB) conv_block<OB, K>(rows, L.cin, L.w, L.b, o, out, act, slope);
+  for (; o + OB <= L.cout; o += OB) conv_block<OB, K>(rows, L.cin, L.w, L.b, o, out, relu);
   switch (L.cout - o) {
-    case 1: conv_block<1, K>(rows, L.cin, L.w, L.b, o, out, act, slope); break;
-    case 2: if (OB > 2) conv_block<2, K>(rows, L.cin, L.w, L.b, o, out, act, slope); break;
-    case 3: if (OB > 3) conv_block<3, K>(rows, L.cin, L.w, L.b, o, out, act, slope); break;
+    case 1: conv_block<1, K>(rows, L.cin, L.w, L.b, o, out, relu); break;
+    case 2: if (OB > 2) conv_block<2, K>(rows, L.cin, L.w, L.b, o, out, relu); break;
+    case 3: if (OB > 3) conv_block<3, K>(rows, L.cin, L.w, L.b, o, out, relu); break;
     default: break;
   }
 }
 
-void conv_any(const float* const* rows, const Layer& L, float* out, bool act, float slope) {
+void conv_any(const float* const* rows, const Layer& L, float* out, bool relu) {
   if (L.k == 3)
-    conv_chunk<3>(rows, L, out, act, slope);
+    conv_chunk<3>(rows, L, out, relu);
   else
-    conv_chunk<1>(rows, L, out, act, slope);
+    conv_chunk<1>(rows, L, out, relu);
 }
 
 // Bilinear taps of one axis (FORMAT.md "Upsampling"), computed in float32 exactly like torch.
@@ -277,7 +277,7 @@ struct GppInput final : RowSource {
   }
 };
 
-// y_s = u + mu + softplus(sigma) * z with (mu, sigma) = gpp.s.1(act(gpp.s.0(x_s))).
+// y_s = u + mu + softplus(sigma) * z with (mu, sigma) = gpp.s.1(relu(gpp.s.0(x_s))).
 struct GppOutput final : RowSource {
   const Net* net = nullptr;
   GppInput* in = nullptr;
@@ -318,8 +318,8 @@ struct GppOutput final : RowSource {
       for (int i = 0; i < cin; ++i)
         for (int dy = 0; dy < K; ++dy)
           rows[i * K + dy] = xr[dy] + static_cast<size_t>(i) * in->stride + x0 + (K == 3 ? 0 : 1);
-      conv_any(rows, L0, hid, true, n.slope);
-      conv_chunk<1>(hrows, L1, pbuf);
+      conv_any(rows, L0, hid, true);
+      conv_chunk<1>(hrows, L1, pbuf, false);
       for (int c = 0; c < C; ++c) {
         const float* z = xc + static_cast<size_t>(c) * in->stride + 1 + x0;
         const float* u = xc + static_cast<size_t>(C + c) * in->stride + 1 + x0;
@@ -433,7 +433,7 @@ struct Synth final : RowSource {
       for (int i = 0; i < n.n_synth; ++i) {
         const bool last = i == n.n_synth - 1;
         float* out = last ? obuf : buf[i & 1];
-        conv_chunk<1>(rows, n.synth[i], out, !last, n.slope);
+        conv_chunk<1>(rows, n.synth[i], out, !last);
         for (int o = 0; o < n.synth[i].cout; ++o) rows[o] = out + o * P;
       }
       for (int c = 0; c < n.Cout; ++c) memcpy(dst + static_cast<size_t>(c) * stride + 1 + x0, obuf + c * P, P * sizeof(float));
@@ -465,7 +465,7 @@ struct Residual final : RowSource {
     for (int x0 = 0; x0 < w; x0 += P) {
       for (int i = 0; i < ch; ++i)
         for (int dy = 0; dy < 3; ++dy) rows[i * 3 + dy] = xr[dy] + static_cast<size_t>(i) * prev->stride + x0;
-      conv_chunk<3>(rows, *L, obuf);
+      conv_chunk<3>(rows, *L, obuf, false);
       for (int c = 0; c < ch; ++c) {
         const float* x = xr[1] + static_cast<size_t>(c) * prev->stride + 1 + x0;
         float* d = dst + static_cast<size_t>(c) * stride + 1 + x0;

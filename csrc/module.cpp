@@ -160,15 +160,13 @@ Layer to_layer(const FloatArray& w, const FloatArray& b, int cin, int cout, int 
 }
 
 void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, int gpp_kernel_min_scale,
-            const std::vector<int>& synth_hidden, int n_res, int Cout, bool bicubic, float negative_slope,
-            const std::vector<FloatArray>& weights,
+            const std::vector<int>& synth_hidden, int n_res, int Cout, bool bicubic, const std::vector<FloatArray>& weights,
             const std::vector<FloatArray>& biases, const std::vector<FloatArray>& coded,
             nb::ndarray<uint8_t, nb::c_contig, nb::device::cpu> out, int threads) {
   if (H < 1 || W < 1) throw std::invalid_argument("height and width must be >= 1");
   if (M < 1 || M > n2l::kMaxScales || C < 1 || C > 32 || G < 1 || G > 128 || (gpp_kernel != 1 && gpp_kernel != 3) ||
       synth_hidden.size() > 8 || n_res < 0 || n_res > n2l::kMaxResidual || (Cout != 1 && Cout != 3))
     throw std::invalid_argument("invalid model config");
-  if (!(negative_slope >= 0.0f && negative_slope < 1.0f)) throw std::invalid_argument("negative_slope must be in [0, 1)");
   for (int h : synth_hidden)
     if (h < 1 || h > 256) throw std::invalid_argument("invalid synth_hidden width");
   if (out.ndim() != 3 || out.shape(0) != static_cast<size_t>(H) || out.shape(1) != static_cast<size_t>(W) ||
@@ -191,7 +189,6 @@ void decode(uint32_t seed, int H, int W, int M, int C, int G, int gpp_kernel, in
   net.n_synth = static_cast<int>(synth_hidden.size()) + 1;
   net.n_res = n_res;
   net.bicubic = bicubic;
-  net.slope = negative_slope;
   size_t li = 0;
   for (int s = M - 1; s >= 0; --s) {  // bitstream order, ModelConfig.layer_shapes()
     net.hs[s] = static_cast<int>((static_cast<int64_t>(H) + (1 << s) - 1) >> s);
@@ -390,20 +387,20 @@ std::vector<Layer> pointwise_layers(const FloatArray& x, const std::vector<Float
 }
 
 void pointwise_forward(const FloatArray& x, const std::vector<FloatArray>& weights,
-                       const std::vector<FloatArray>& biases, float negative_slope, OutArray y, int threads) {
+                       const std::vector<FloatArray>& biases, OutArray y, int threads) {
   int N;
   const std::vector<Layer> layers = pointwise_layers(x, weights, biases, N);
   const int n = static_cast<int>(layers.size());
   check_shape(y, {layers[n - 1].cout, N}, "pointwise: y");
   const n2l::TrainKernels& k = *active().train;
   for_bands(N, kPointwiseBand, threads, [&](int, int p0, int p1) {
-    return k.pointwise(x.data(), N, layers.data(), n, negative_slope, y.data(), p0, p1);
+    return k.pointwise(x.data(), N, layers.data(), n, y.data(), p0, p1);
   });
 }
 
 void pointwise_backward(const FloatArray& x, const std::vector<FloatArray>& weights,
-                        const std::vector<FloatArray>& biases, float negative_slope, const FloatArray& gy, OutArray gx,
-                        OutArray grads, int threads) {
+                        const std::vector<FloatArray>& biases, const FloatArray& gy, OutArray gx, OutArray grads,
+                        int threads) {
   int N;
   const std::vector<Layer> layers = pointwise_layers(x, weights, biases, N);
   const int n = static_cast<int>(layers.size());
@@ -415,8 +412,8 @@ void pointwise_backward(const FloatArray& x, const std::vector<FloatArray>& weig
   const n2l::TrainKernels& k = *active().train;
   std::vector<float> partial(static_cast<size_t>((N + kPointwiseBand - 1) / kPointwiseBand) * n_grads);
   for_bands(N, kPointwiseBand, threads, [&](int band, int p0, int p1) {
-    return k.pointwise_backward(x.data(), gy.data(), N, layers.data(), n, negative_slope, gx.data(),
-                                partial.data() + band * n_grads, p0, p1);
+    return k.pointwise_backward(x.data(), gy.data(), N, layers.data(), n, gx.data(), partial.data() + band * n_grads,
+                                p0, p1);
   });
   sum_bands(partial, n_grads, 0, n_grads, grads.data());
 }
@@ -659,8 +656,7 @@ NB_MODULE(_core, m) {
   m.doc() = "n2l C++ CPU core: decoder and training kernels (see n2l/cpu.py for the Python API)";
   m.def("decode", &decode, nb::arg("seed"), nb::arg("height"), nb::arg("width"), nb::arg("n_scales"),
         nb::arg("latent_channels"), nb::arg("gpp_hidden"), nb::arg("gpp_kernel"), nb::arg("gpp_kernel_min_scale"),
-        nb::arg("synth_hidden"), nb::arg("synth_residual"), nb::arg("out_channels"), nb::arg("bicubic"),
-        nb::arg("negative_slope"), nb::arg("weights"),
+        nb::arg("synth_hidden"), nb::arg("synth_residual"), nb::arg("out_channels"), nb::arg("bicubic"), nb::arg("weights"),
         nb::arg("biases"), nb::arg("coded"), nb::arg("out"), nb::arg("threads"),
         "Decode into out ([H, W, out_channels] uint8); weights and biases in bitstream order, coded\n"
         "latents ([C, h_s, w_s] float32) of the transmitted scales, coarsest first.");
@@ -681,12 +677,10 @@ NB_MODULE(_core, m) {
       [](const FloatArray& gy, int factor, OutArray gx, bool bicubic) { upsample_call(gy, factor, gx, true, bicubic); },
       nb::arg("gy"), nb::arg("factor"), nb::arg("gx"), nb::arg("bicubic") = false,
         "Gradient gx [C, h, w] of upsample_forward's input from that of its output, gy [C, H, W].");
-  m.def("pointwise_forward", &pointwise_forward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"),
-        nb::arg("negative_slope"), nb::arg("y"), nb::arg("threads"),
-        "1x1 layers ([out, in] weights) with the activation (ReLU, or leaky with negative_slope > 0)\n"
-        "between them: y [out, N] from x [in, N].");
+  m.def("pointwise_forward", &pointwise_forward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"), nb::arg("y"),
+        nb::arg("threads"), "1x1 layers ([out, in] weights) with ReLU between: y [out, N] from x [in, N].");
   m.def("pointwise_backward", &pointwise_backward, nb::arg("x"), nb::arg("weights"), nb::arg("biases"),
-        nb::arg("negative_slope"), nb::arg("gy"), nb::arg("gx"), nb::arg("grads"), nb::arg("threads"),
+        nb::arg("gy"), nb::arg("gx"), nb::arg("grads"), nb::arg("threads"),
         "Gradients of pointwise_forward: gx [in, N], and grads (every weight then bias, flat).");
   m.def("laplace_bits", &laplace_bits, nb::arg("x"), nb::arg("offsets"), nb::arg("weights"), nb::arg("grad"),
         nb::arg("threads"),

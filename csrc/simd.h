@@ -27,8 +27,6 @@ inline vf loadu(const float* p) {
 }
 inline void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 inline vf vmax0(vf x) { return x > 0.0f ? x : vf{}; }
-// The network's activation: ReLU for slope 0, else a leaky ReLU (x, or slope * x below 0).
-inline vf vact(vf x, float slope) { return slope == 0.0f ? vmax0(x) : (x > 0.0f ? x : x * slope); }
 inline int imin(int a, int b) { return a < b ? a : b; }
 inline int imax(int a, int b) { return a > b ? a : b; }
 inline int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }

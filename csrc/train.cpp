@@ -319,10 +319,10 @@ bool upsample_cubic_backward(const float* gy, int C, int h, int w, int factor, i
   return true;
 }
 
-// A stack of 1x1 layers with the activation of `slope` between them, on VL pixels at a time:
-// act[0] = the input, act[l + 1] = layer l's output (activated, except the last's). act holds
-// kMaxWidth vectors per layer boundary.
-void pointwise_chunk(const Layer* layers, int n_layers, float slope, vf* act) {
+// A stack of 1x1 layers with ReLU between them, on VL pixels at a time: act[0] = the input,
+// act[l + 1] = layer l's output (after its ReLU, except the last's). act holds kMaxWidth
+// vectors per layer boundary.
+void pointwise_chunk(const Layer* layers, int n_layers, vf* act) {
   for (int l = 0; l < n_layers; ++l) {
     const Layer& L = layers[l];
     const vf* in = act + l * kMaxWidth;
@@ -331,7 +331,7 @@ void pointwise_chunk(const Layer* layers, int n_layers, float slope, vf* act) {
       const float* w = L.w + o * L.cin;
       vf a = bcast(L.b[o]);
       for (int i = 0; i < L.cin; ++i) a += bcast(w[i]) * in[i];
-      out[o] = l + 1 < n_layers ? vact(a, slope) : a;
+      out[o] = l + 1 < n_layers ? vmax0(a) : a;
     }
   }
 }
@@ -371,12 +371,12 @@ vf* alloc_vectors(size_t n) {
 }
 
 // Pixels [p0, p1) of y [cout, N] = the layers applied to x [cin, N].
-bool pointwise(const float* x, int N, const Layer* layers, int n_layers, float slope, float* y, int p0, int p1) {
+bool pointwise(const float* x, int N, const Layer* layers, int n_layers, float* y, int p0, int p1) {
   vf* act = alloc_vectors(static_cast<size_t>(n_layers + 1) * kMaxWidth);
   if (act == nullptr) return false;
   for (int p = p0; p < p1; p += VL) {
     load_chunk(x, layers[0].cin, N, p, act);
-    pointwise_chunk(layers, n_layers, slope, act);
+    pointwise_chunk(layers, n_layers, act);
     store_chunk(act + n_layers * kMaxWidth, layers[n_layers - 1].cout, N, p, y);
   }
   free(act);
@@ -391,8 +391,8 @@ bool pointwise(const float* x, int N, const Layer* layers, int n_layers, float s
 // over the vectors in pixel order, so the result is the same as vector by vector.
 constexpr int kBlock = 4;
 
-bool pointwise_backward(const float* x, const float* gy, int N, const Layer* layers, int n_layers, float slope,
-                        float* gx, float* grads, int p0, int p1) {
+bool pointwise_backward(const float* x, const float* gy, int N, const Layer* layers, int n_layers, float* gx,
+                        float* grads, int p0, int p1) {
   size_t n_grads = 0;
   for (int l = 0; l < n_layers; ++l) n_grads += static_cast<size_t>(layers[l].cout) * (layers[l].cin + 1);
   const size_t per_vector = static_cast<size_t>(n_layers + 1) * kMaxWidth;  // activations of one vector
@@ -409,7 +409,7 @@ bool pointwise_backward(const float* x, const float* gy, int N, const Layer* lay
   for (int p = p0; p < p1; p += kBlock * VL) {
     for (int v = 0; v < kBlock; ++v) {
       load_chunk(x, c_in, N, p + v * VL, a[v]);
-      pointwise_chunk(layers, n_layers, slope, a[v]);
+      pointwise_chunk(layers, n_layers, a[v]);
       load_chunk(gy, c_out, N, p + v * VL, io);  // zeros past N: no contribution
       for (int o = 0; o < c_out; ++o) g[o * kBlock + v] = io[o];
     }
@@ -437,10 +437,8 @@ bool pointwise_backward(const float* x, const float* gy, int N, const Layer* lay
           const vf w = bcast(L.w[o * L.cin + i]);
           for (int v = 0; v < kBlock; ++v) s[v] += w * g[o * kBlock + v];
         }
-        // The activation's derivative: a layer l > 0 reads an activation's output, which is
-        // positive exactly where the activation's input is.
-        for (int v = 0; v < kBlock; ++v)
-          gin[i * kBlock + v] = l > 0 ? (a[v][in + i] > 0.0f ? s[v] : (slope == 0.0f ? vf{} : s[v] * slope)) : s[v];
+        for (int v = 0; v < kBlock; ++v)  // ReLU's mask: the input of a layer l > 0 is a ReLU's output
+          gin[i * kBlock + v] = l > 0 ? (a[v][in + i] > 0.0f ? s[v] : vf{}) : s[v];
       }
       std::swap(g, gin);
     }

@@ -4,7 +4,7 @@ Two fused stages, following docs/FORMAT.md exactly:
 
 * `_gpp_kernel`, one launch per scale (coarse to fine, since scale s needs y_{s+1}): per tile of
   positions it regenerates the Philox noise, upsamples the coarser latent, runs GPP layer 0
-  (k x k, taps recomputed at clamped positions), the activation, GPP layer 1, softplus and the
+  (k x k, taps recomputed at clamped positions), ReLU, GPP layer 1, softplus and the
   reparameterization, and writes y_s into one flat latent buffer (planar [C, h_s, w_s] per scale).
 * `_synth_kernel`, one launch: per tile of output pixels (plus a halo of `synth_residual`
   pixels) it upsamples every scale, runs the 1x1 synthesis chain in registers, then the 3x3
@@ -130,16 +130,6 @@ def _bicubic(ptr, iy, ay0, ay1, ay2, ay3, ix, ax0, ax1, ax2, ax3, h, w):
 
 
 @triton.jit
-def _act(x, SLOPE: tl.constexpr):
-    """The network's activation: ReLU for SLOPE 0, else a leaky ReLU (x, or SLOPE * x below 0)."""
-    if SLOPE == 0.0:
-        y = tl.maximum(x, 0.0)
-    else:
-        y = tl.where(x > 0.0, x, x * SLOPE)
-    return y
-
-
-@triton.jit
 def _dense(x, w_ptr, b_ptr, KIN: tl.constexpr, KOUT: tl.constexpr):
     """W [KOUT, KIN] @ x [KIN, P] + b, exact fp32 (KIN >= 16 on NVIDIA)."""
     rows = tl.arange(0, KOUT)
@@ -191,7 +181,6 @@ def _gpp_kernel(
     COARSER: tl.constexpr,
     BH: tl.constexpr,
     BW: tl.constexpr,
-    SLOPE: tl.constexpr,
     EXACT_MUL: tl.constexpr,
 ):
     """GPP + reparameterization of one scale for a BH x BW tile of positions."""
@@ -233,7 +222,7 @@ def _gpp_kernel(
                 if tap == (K * K) // 2:
                     u2 = tl.where(ccols[:, None] == c, u[None, :], u2)
 
-    hid = _act(acc, SLOPE)
+    hid = tl.maximum(acc, 0.0)
     mu = _dense(hid, w1_ptr, b1_ptr, GP, CP)
     ps = _dense(hid, w1_ptr + GP * CP, b1_ptr + CP, GP, CP)
     # softplus without overflow: log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
@@ -264,7 +253,6 @@ def _synth_kernel(
     TW: tl.constexpr,
     OUT_FLOAT: tl.constexpr,
     BICUBIC: tl.constexpr,
-    SLOPE: tl.constexpr,
 ):
     """Upsampling + whole synthesis for a (TH - 2R) x (TW - 2R) tile of output pixels."""
     P: tl.constexpr = TH * TW
@@ -311,7 +299,7 @@ def _synth_kernel(
     w_off = 0
     b_off = 0
     for i in tl.static_range(len(WIDTHS) - 1):
-        x = _dense(_act(x, SLOPE), wd_ptr + w_off, bd_ptr + b_off, WIDTHS[i], WIDTHS[i + 1])
+        x = _dense(tl.maximum(x, 0.0), wd_ptr + w_off, bd_ptr + b_off, WIDTHS[i], WIDTHS[i + 1])
         w_off += WIDTHS[i] * WIDTHS[i + 1]
         b_off += WIDTHS[i + 1]
 
@@ -551,8 +539,7 @@ def _latent_buffer(packed: _Packed, cfg: ModelConfig, seed: int, height: int, wi
             lat, w0, b0, wt1, b1, _seed_arg(seed), s, offsets[s], hs, ws,
             offsets[s + 1] if coarser else 0, h1, w1,
             C=cfg.latent_channels, CP=packed.cp, GP=packed.gp, K=k, COARSER=coarser,
-            BH=tiles.gpp_bh, BW=tiles.gpp_bw, SLOPE=cfg.negative_slope, EXACT_MUL=not interpreted(),
-            num_warps=tiles.gpp_warps,
+            BH=tiles.gpp_bh, BW=tiles.gpp_bw, EXACT_MUL=not interpreted(), num_warps=tiles.gpp_warps,
         )  # fmt: skip
     return lat
 
@@ -591,7 +578,7 @@ def _synthesize(
         lat, packed.wf, packed.bf, packed.wd, packed.bd, packed.wr, packed.br, out, height, width,
         M=cfg.n_scales, C=cfg.latent_channels, WIDTHS=packed.widths, CO=co, R=r,
         TH=tiles.synth_th, TW=tiles.synth_tw, OUT_FLOAT=out_float, BICUBIC=cfg.synth_upsampling == "bicubic",
-        SLOPE=cfg.negative_slope, num_warps=tiles.synth_warps,
+        num_warps=tiles.synth_warps,
     )  # fmt: skip
     return out
 

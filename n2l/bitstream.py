@@ -1,13 +1,13 @@
 """The n2l bitstream: header, seed, per-tensor coding parameters, coded weights, CRC32.
 
-Version 9 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
+Version 8 (docs/FORMAT.md): magic "N2L" | version u8 | header fields packed as bits, most
 significant first (u(n): n-bit unsigned; eg(k): Exp-Golomb of order k; se(k): eg(k) of a signed
 difference from a prediction), zero-padded to a byte:
 
     u15 width-1 | u15 height-1 | u1 rgb | eg0 n_scales-1 | eg0 latent_channels-1
     | eg0 gpp_hidden-1 | u1 gpp_kernel==3 | eg0 gpp_kernel_min_scale | eg0 synth_residual
     | eg0 n_synth_hidden | u8 synth_hidden-1 each | eg0 coded_scales | u1 bicubic synthesis
-      upsampling | eg0 16 x negative_slope | eg0 seed
+      upsampling | eg0 seed
     | per layer tensor: eg2 max_abs, and unless it is 0: se exponent, se scale_code (predicted
       from max_abs)
     | per coded latent: eg1 max_abs, and unless it is 0: eg exponent, u2 depth-1, se scale_code
@@ -17,12 +17,11 @@ difference from a prediction), zero-padded to a byte:
 then the payload (the rest, a multiple of 4 bytes) | crc32 u32 (of every byte before it).
 
 The tensors are each layer's weight then bias, then (hybrid mode) the coded latents, coarsest
-first. Older streams are still read: version 8 has no negative_slope (ReLU), version 7 has
-fixed-width coding parameters (u5 exponent first, then max_abs; u8 scale_code+64; u5 weight),
-version 6 has no upsampling bit (bilinear), version 5 has no depth field either (depth 1),
-version 4 has version 5's fields byte-aligned (u8, i8 and LEB128 varints, with an explicit
-payload length); version 3 codes latents in two checkerboard passes (fields per latent:
-exponent u8, scale_code i8, max_abs varint, pred_scale_code i8, alpha u8), version 2 has fixed-width fields where
+first. Older streams are still read: version 7 has fixed-width coding parameters (u5 exponent
+first, then max_abs; u8 scale_code+64; u5 weight), version 6 has no upsampling bit (bilinear), version 5
+has no depth field either (depth 1), version 4 has version 5's fields byte-aligned (u8, i8
+and LEB128 varints, with an explicit payload length); version 3 codes latents in two checkerboard passes (fields per latent: exponent u8, scale_code
+i8, max_abs varint, pred_scale_code i8, alpha u8), version 2 has fixed-width fields where
 version 3 has varints (seed and payload_len u32, max_abs u16), version 1 also lacks
 coded_scales (pure mode).
 
@@ -50,8 +49,8 @@ from .weights import (
 )
 
 MAGIC = b"N2L"
-VERSION = 9
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+VERSION = 8
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
@@ -135,7 +134,7 @@ def tensor_shapes(config: ModelConfig, height: int, width: int) -> list[tuple[in
 
 
 class _BitWriter:
-    """Bits, most significant first (the header of versions 5-9)."""
+    """Bits, most significant first (the header of versions 5-8)."""
 
     def __init__(self) -> None:
         self.value, self.n = 0, 0
@@ -192,7 +191,6 @@ def write(header: Header, payload: bytes) -> bytes:
         w.u(8, width - 1)
     w.eg(0, cfg.coded_scales)
     w.u(1, cfg.synth_upsampling == "bicubic")
-    w.eg(0, round(cfg.negative_slope * 16))
     w.eg(0, header.seed)
     for code in header.codes:
         if not isinstance(code, LatentCode):
@@ -285,7 +283,7 @@ def _check(ok: bool, message: str) -> None:
         raise FormatError(message)
 
 
-def _config(width: int, height: int, channels: int, synth_hidden: tuple[int, ...], **fields: int | float | str) -> ModelConfig:
+def _config(width: int, height: int, channels: int, synth_hidden: tuple[int, ...], **fields: int | str) -> ModelConfig:
     """The architecture from header fields, validated (sizes before anything is allocated)."""
     _check(1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE,
            f"image size {width}x{height} out of range (1..{MAX_SIDE} per side)")
@@ -350,7 +348,7 @@ def _read_byte_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, 
 
 
 def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, int, list]:
-    """Versions 5-9: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
+    """Versions 5-8: bit-packed fields (docs/FORMAT.md); `r` ends at the payload."""
     b = _BitReader(r.buf[: max(r.pos, len(r.buf) - 4)], r.pos)  # the header ends before the CRC
     width, height = b.u(15, "width") + 1, b.u(15, "height") + 1
     channels = 3 if b.u(1, "channels") else 1
@@ -364,8 +362,6 @@ def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, i
     fields["coded_scales"] = b.eg(0, "coded_scales", 255)
     if version >= 7:
         fields["synth_upsampling"] = "bicubic" if b.u(1, "synthesis upsampling") else "bilinear"
-    if version >= 9:
-        fields["negative_slope"] = b.eg(0, "16 x negative_slope", 15) / 16
     config = _config(width, height, channels, synth_hidden, **fields)
     seed = b.eg(0, "seed", 2**32 - 1)
     codes = []

@@ -107,7 +107,6 @@ def decode_cpu(
         cfg.synth_residual,
         cfg.out_channels,
         cfg.synth_upsampling == "bicubic",
-        cfg.negative_slope,
         [np.ascontiguousarray(w.numpy()) for w, _ in layers],
         [np.ascontiguousarray(b.numpy()) for _, b in layers],
         coded,
@@ -154,16 +153,16 @@ class _Upsample(torch.autograd.Function):
 
 class _Pointwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, threads: int, slope: float, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, threads: int, *params: torch.Tensor) -> torch.Tensor:
         x = x.detach().contiguous()
         n = len(params) // 2
         weights = [w.detach().reshape(w.shape[0], -1).contiguous() for w in params[:n]]
         biases = [b.detach().contiguous() for b in params[n:]]
         y = x.new_empty(1, weights[-1].shape[0], *x.shape[-2:])
         _core.pointwise_forward(x.view(x.shape[1], -1).numpy(), [w.numpy() for w in weights],
-                                [b.numpy() for b in biases], slope, y.view(y.shape[1], -1).numpy(), threads)
+                                [b.numpy() for b in biases], y.view(y.shape[1], -1).numpy(), threads)
         ctx.save_for_backward(x, *weights, *biases)
-        ctx.threads, ctx.slope, ctx.shapes = threads, slope, [p.shape for p in params]
+        ctx.threads, ctx.shapes = threads, [p.shape for p in params]
         return y
 
     @staticmethod
@@ -174,11 +173,11 @@ class _Pointwise(torch.autograd.Function):
         sizes = [w.numel() + b.numel() for w, b in zip(params[:n], params[n:])]
         grads = x.new_empty(sum(sizes))
         _core.pointwise_backward(x.view(x.shape[1], -1).numpy(), [w.numpy() for w in params[:n]],
-                                 [b.numpy() for b in params[n:]], ctx.slope, gy.detach().contiguous().view(gy.shape[1], -1).numpy(),
+                                 [b.numpy() for b in params[n:]], gy.detach().contiguous().view(gy.shape[1], -1).numpy(),
                                  gx.view(x.shape[1], -1).numpy(), grads.numpy(), ctx.threads)
         per_layer = [g.split([w.numel(), b.numel()]) for g, w, b in zip(grads.split(sizes), params[:n], params[n:])]
         gw = [g.view(shape) for (g, _), shape in zip(per_layer, ctx.shapes[:n])]
-        return gx, None, None, *gw, *(gb for _, gb in per_layer)
+        return gx, None, *gw, *(gb for _, gb in per_layer)
 
 
 # The encoder's training kernels on the C++ core, for one float32 CPU image [1, C, H, W]: the
@@ -202,13 +201,11 @@ POINTWISE_MAX_WIDTH = 64  # kMaxWidth in csrc/core.h
 POINTWISE_MAX_LAYERS = 10  # kMaxSynth + 1 in csrc/module.cpp
 
 
-def pointwise(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 1,
-              negative_slope: float = 0.0) -> torch.Tensor:
-    """1x1 layers (weight [out, in, 1, 1], bias [out]) with the activation between them (ReLU, or
-    leaky with `negative_slope` > 0), fused per pixel (N2LModel.pointwise); at most
-    POINTWISE_MAX_LAYERS layers of widths <= POINTWISE_MAX_WIDTH."""
+def pointwise(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], threads: int = 1) -> torch.Tensor:
+    """1x1 layers (weight [out, in, 1, 1], bias [out]) with ReLU between them, fused per pixel
+    (N2LModel.pointwise); at most POINTWISE_MAX_LAYERS layers of widths <= POINTWISE_MAX_WIDTH."""
     _require_core()
-    return _Pointwise.apply(x, threads, float(negative_slope), *(w for w, _ in layers), *(b for _, b in layers))
+    return _Pointwise.apply(x, threads, *(w for w, _ in layers), *(b for _, b in layers))
 
 
 class _LaplaceBits(torch.autograd.Function):

@@ -315,7 +315,7 @@ class _TrainingModel(N2LModel):
         layers = [self.layer(name) for name in names]
         if (_on_core(x) and len(layers) <= cpu.POINTWISE_MAX_LAYERS
                 and max(max(c.in_channels, c.out_channels) for c in layers) <= cpu.POINTWISE_MAX_WIDTH):
-            return cpu.pointwise(x, [(c.weight, c.bias) for c in layers], self.threads, self.config.negative_slope)
+            return cpu.pointwise(x, [(c.weight, c.bias) for c in layers], self.threads)
         return super().pointwise(x, names)
 
     def upsample(self, x: torch.Tensor, factor: int, height: int, width: int, kernel: str = "bilinear") -> torch.Tensor:

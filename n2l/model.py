@@ -7,16 +7,14 @@ Data flow for an H x W image (scale s has size ceil(H/2^s) x ceil(W/2^s), s = 0 
             y_s = the transmitted latent (integers times a power-of-two step); no GPP, no noise
             continue
         u_s   = up2(y_{s+1})                       (absent at the coarsest scale)
-        h     = act(conv_kxk([z_s, u_s]))           GPP layer 0 ("gpp.s.0")
+        h     = relu(conv_kxk([z_s, u_s]))          GPP layer 0 ("gpp.s.0")
         p     = conv_1x1(h)                         GPP layer 1 ("gpp.s.1"), 2C channels
         mu_s  = u_s + p[:C],  sigma_s = softplus(p[C:])
         y_s   = mu_s + sigma_s * z_s                reparameterization
     x = concat_s(up_{2^s}(y_s))                     [M*C, H, W], bilinear or bicubic
                                                     (config.synth_upsampling)
-    x = 1x1 convs with act between ("synth.i"), the last one to RGB
+    x = 1x1 convs with ReLU between ("synth.i"), the last one to RGB
     x = x + conv_3x3(x) for each residual layer    ("synth_res.r")
-
-act is ReLU, or with config.negative_slope > 0 a leaky ReLU (x for x > 0, else slope * x).
 
 Convolutions pad by edge replication. Upsampling has align_corners=False semantics
 (half-pixel centres, edge values repeated), see `upsample`; up2 is always bilinear.
@@ -52,7 +50,6 @@ class ModelConfig:
     out_channels: int = 3  # 3 for RGB, 1 for grayscale images
     coded_scales: int = 0  # hybrid mode: the latents of this many coarsest scales are transmitted
     synth_upsampling: str = "bilinear"  # kernel that brings each latent to full size for the synthesis
-    negative_slope: float = 0.0  # the activation's slope below 0 (0: ReLU), a multiple of 1/16 below 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "synth_hidden", tuple(int(h) for h in self.synth_hidden))
@@ -68,7 +65,6 @@ class ModelConfig:
             (self.out_channels in (1, 3), "out_channels must be 1 or 3"),
             (0 <= self.coded_scales <= self.n_scales, "coded_scales must be in 0..n_scales"),
             (self.synth_upsampling in UPSAMPLING_KERNELS, f"synth_upsampling must be one of {UPSAMPLING_KERNELS}"),
-            (self.negative_slope * 16 in range(16), "negative_slope must be k/16 for k in 0..15"),
         )
         for ok, message in limits:
             if not ok:
@@ -151,8 +147,7 @@ class ModelConfig:
             f"{self.n_scales} scales x {self.latent_channels} ch{coded}, "
             f"GPP hidden {self.gpp_hidden} ({self.gpp_kernel}x{self.gpp_kernel} from scale "
             f"{self.gpp_kernel_min_scale}), synthesis {list(self.synth_hidden)} "
-            f"+ {self.synth_residual} residual 3x3, {self.synth_upsampling} upsampling, "
-            f"{f'leaky ReLU {self.negative_slope:g}' if self.negative_slope else 'ReLU'}; "
+            f"+ {self.synth_residual} residual 3x3, {self.synth_upsampling} upsampling; "
             f"{self.n_params()} parameters, {self.macs_per_pixel():.0f} MAC/pixel"
         )
 
@@ -280,15 +275,10 @@ class N2LModel(nn.Module):
         """Convolution `name` (edge-replication padding) applied to x."""
         return _conv(x, self.layer(name))
 
-    def act(self, x: torch.Tensor) -> torch.Tensor:
-        """The activation: ReLU, or a leaky ReLU if config.negative_slope > 0."""
-        slope = self.config.negative_slope
-        return F.leaky_relu(x, slope) if slope else torch.relu(x)
-
     def pointwise(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """The 1x1 convolutions `names` applied in turn, with the activation between them."""
+        """The 1x1 convolutions `names` applied in turn, with ReLU between them."""
         for i, name in enumerate(names):
-            x = self.conv(x, name) if i == 0 else self.conv(self.act(x), name)
+            x = self.conv(x, name) if i == 0 else self.conv(torch.relu(x), name)
         return x
 
     def upsample(self, x: torch.Tensor, factor: int, height: int, width: int, kernel: str = "bilinear") -> torch.Tensor:
@@ -327,7 +317,7 @@ class N2LModel(nn.Module):
             if cfg.gpp_kernel_at(s) == 1:
                 p = self.pointwise(x, [f"gpp.{s}.0", f"gpp.{s}.1"])
             else:
-                p = self.conv(self.act(self.conv(x, f"gpp.{s}.0")), f"gpp.{s}.1")
+                p = self.conv(torch.relu(self.conv(x, f"gpp.{s}.0")), f"gpp.{s}.1")
             mu, sigma = u + p[:, :c], F.softplus(p[:, c:])
             ys[s] = mu + sigma * z
         return ys

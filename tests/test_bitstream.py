@@ -26,19 +26,6 @@ def test_synthesis_upsampling_round_trip(tiny_stream):
     assert bitstream.read(_bit_header(_fields(n_scales=1, codes=[("u", 5, 0), ("eg", 2, 0)] * 8)))[0].config.synth_upsampling == "bilinear"
 
 
-def test_activation_round_trip(tiny_stream):
-    """Version 9's negative_slope reads back; other slopes than k/16 are rejected, in a config
-    and in a header."""
-    header, payload = bitstream.read(tiny_stream)
-    for slope in (0.0, 0.0625, 0.9375):
-        config = dataclasses.replace(header.config, negative_slope=slope)
-        assert bitstream.read(bitstream.write(dataclasses.replace(header, config=config), payload))[0].config == config
-    with pytest.raises(ValueError, match="negative_slope"):
-        dataclasses.replace(header.config, negative_slope=0.1)
-    with pytest.raises(ValueError, match="negative_slope"):
-        dataclasses.replace(header.config, negative_slope=1.0)
-
-
 def test_header_round_trip(tiny_stream):
     header, payload = bitstream.read(tiny_stream)
     assert (header.width, header.height, header.channels) == (12, 10, 3)
@@ -99,13 +86,12 @@ def test_golden_hybrid_file():
     assert hashlib.sha256(pixels.tobytes()).hexdigest() == golden.with_suffix(".sha256").read_text().split()[0]
 
 
-@pytest.mark.parametrize("version,growth", [(4, -40), (5, -5), (7, -10), (8, 1)])
+@pytest.mark.parametrize("version,growth", [(4, -40), (5, -5), (7, -10)])
 def test_golden_hybrid_files_of_earlier_versions(version, growth):
     """Committed hybrid streams of versions 4 (byte-aligned header), 5 (bit-packed, no depth
-    field), 7 (fixed-width coding parameters) and 8 (no activation field: ReLU), with the same
-    tensors, written again as the current version: the same tensors and payload, the same
-    pixels, and a header smaller by at least -growth bytes (version 8 predicts the coding
-    parameters; version 5 lacks a 2-bit depth per coded latent; version 9 adds 1 bit)."""
+    field) and 7 (fixed-width coding parameters), with the same tensors, written again as the
+    current version: the same tensors and payload, the same pixels, and a smaller header
+    (version 8 predicts the coding parameters; version 5 lacks a 2-bit depth per coded latent)."""
     buf = GOLDEN.with_name(f"golden_v{version}_hybrid.n2l").read_bytes()
     assert buf[3] == version
     again = _assert_rewrites_to_current_version(buf)
@@ -173,17 +159,15 @@ def _bit_header(fields: list[tuple[str, int, int]], version: int = 6) -> bytes:
     return _with_crc(bitstream.MAGIC + bytes([version]) + w.to_bytes())
 
 
-def _fields(width=12, height=10, n_scales=7, hidden=(8,), coded=0, codes=(), version=6,
-            slope16=0) -> list[tuple[str, int, int]]:
+def _fields(width=12, height=10, n_scales=7, hidden=(8,), coded=0, codes=(), version=6) -> list[tuple[str, int, int]]:
     """Header fields (docs/FORMAT.md) of an RGB image, 2 latent channels, GPP 8 wide with 3x3
-    kernels from scale 2, no residual layers, bilinear upsampling (from version 7), 16 x
-    negative_slope (from version 9) and seed 0; then `codes`."""
+    kernels from scale 2, no residual layers, bilinear upsampling (from version 7) and seed 0;
+    then `codes`."""
     return [
         ("u", 15, width - 1), ("u", 15, height - 1), ("u", 1, 1),
         ("eg", 0, n_scales - 1), ("eg", 0, 1), ("eg", 0, 7), ("u", 1, 1),
         ("eg", 0, 2), ("eg", 0, 0), ("eg", 0, len(hidden)), *(("u", 8, h - 1) for h in hidden),
-        ("eg", 0, coded), *((("u", 1, 0),) if version >= 7 else ()), *((("eg", 0, slope16),) if version >= 9 else ()),
-        ("eg", 0, 0), *codes,
+        ("eg", 0, coded), *((("u", 1, 0),) if version >= 7 else ()), ("eg", 0, 0), *codes,
     ]  # fmt: skip
 
 
@@ -200,7 +184,6 @@ def test_helper_header_is_valid_up_to_its_codes():
         (_fields(), bitstream.VERSION + 1, "version"),
         (_fields(width=32768, height=32768), 6, "exceeds"),
         (_fields(n_scales=13), 6, "n_scales"),
-        (_fields(version=9, slope16=16), 9, "negative_slope 16 out of range"),
         (_fields(hidden=(8,) * 9), 6, "hidden layers 9 out of range"),
         (_fields(coded=8), 6, "coded_scales"),
         (_fields(codes=[("u", 5, 25), ("eg", 2, 0)]), 6, "exponent 25"),

@@ -97,13 +97,12 @@ def test_random_configs_match_torch(case: int, each_isa) -> None:
     rng = random.Random(1000 + case)
     cfg = random_config(rng)
     # Make sure the edge cases are covered whatever the draws: both kernels, 0..2 residual
-    # layers, grey and RGB, ReLU and leaky ReLUs.
+    # layers, grey and RGB.
     cfg = ModelConfig(**{
         **cfg.to_dict(),
         "gpp_kernel": (1, 3)[case % 2],
         "synth_residual": case % 3,
         "out_channels": (1, 3)[(case // 2) % 2],
-        "negative_slope": (0.0, 0.125, 0.5)[case % 3],
     })
     model = random_model(cfg, seed=case)
     for height, width in SIZES:
@@ -263,26 +262,25 @@ def _pointwise_inputs(widths: tuple[int, ...], height: int, width: int, seed: in
     return [torch.randn(shape, generator=gen).requires_grad_() for shape in shapes]
 
 
-def _pointwise(x: torch.Tensor, *params: torch.Tensor, threads: int = 1, slope: float = 0.0) -> torch.Tensor:
+def _pointwise(x: torch.Tensor, *params: torch.Tensor, threads: int = 1) -> torch.Tensor:
     n = len(params) // 2
-    return cpu.pointwise(x, list(zip(params[:n], params[n:])), threads, slope)
+    return cpu.pointwise(x, list(zip(params[:n], params[n:])), threads)
 
 
-@pytest.mark.parametrize("slope", [0.0, 0.125])
 @pytest.mark.parametrize("widths, height, width", [((7, 12, 3), 64, 64), ((2, 4, 2), 5, 7), ((1, 1), 1, 1),
                                                    ((28, 40, 24, 3), 9, 33), ((3, 64, 64, 1), 3, 300)])
-def test_training_pointwise_matches_torch(widths, height, width, slope, each_isa) -> None:
+def test_training_pointwise_matches_torch(widths, height, width, each_isa) -> None:
     inputs = _pointwise_inputs(widths, height, width, sum(widths))
 
     def reference_stack(x, *params):
         n = len(params) // 2
         for i, (w, b) in enumerate(zip(params[:n], params[n:])):
-            x = torch.nn.functional.conv2d(x if i == 0 else torch.nn.functional.leaky_relu(x, slope), w, b)
+            x = torch.nn.functional.conv2d(x if i == 0 else torch.relu(x), w, b)
         return x
 
     want = _value_and_grads(reference_stack, inputs, 4)
     for _ in each_isa():
-        _assert_rel_close(_value_and_grads(functools.partial(_pointwise, slope=slope), inputs, 4), want)
+        _assert_rel_close(_value_and_grads(_pointwise, inputs, 4), want)
 
 
 def _rate_parts(seed: int) -> list[torch.Tensor]:
@@ -405,10 +403,10 @@ def test_training_kernels_reject_bad_shapes() -> None:
         _core.upsample_forward(np.zeros((1, 4, 4), np.float32), 2, np.zeros((1, 9, 8), np.float32))
     with pytest.raises(ValueError, match="pointwise"):
         _core.pointwise_forward(np.zeros((7, 10), np.float32), [np.zeros((12, 6), np.float32)],
-                                [np.zeros(12, np.float32)], 0.0, np.zeros((12, 10), np.float32), 1)
+                                [np.zeros(12, np.float32)], np.zeros((12, 10), np.float32), 1)
     with pytest.raises(ValueError, match="pointwise"):
         _core.pointwise_forward(np.zeros((7, 10), np.float32), [np.zeros((65, 7), np.float32)],
-                                [np.zeros(65, np.float32)], 0.0, np.zeros((65, 10), np.float32), 1)
+                                [np.zeros(65, np.float32)], np.zeros((65, 10), np.float32), 1)
     shapes = np.array(((2, 2), (3, 2)), np.int32)
     with pytest.raises(ValueError, match="checkerboard"):
         _core.checkerboard_forward(np.zeros((1, 11), np.float32), shapes, np.zeros(11, np.float32), np.zeros(2, np.float32))

@@ -87,16 +87,15 @@ def random_model(config: ModelConfig, seed: int, height: int = 24, width: int = 
 
 
 # Fixed, reproducible random configs, plus hand-picked corners (both GPP kernel sizes at
-# every scale, a single scale, grayscale with no hidden synthesis layer, wide channels, leaky
-# ReLUs).
+# every scale, a single scale, grayscale with no hidden synthesis layer, wide channels).
 _rng = random.Random(1234)
 CONFIGS = [random_config(_rng) for _ in range(4)] + [
     ModelConfig(n_scales=3, latent_channels=3, gpp_hidden=10, gpp_kernel=3, gpp_kernel_min_scale=0,
-                synth_hidden=(12,), synth_residual=2, out_channels=3, negative_slope=0.125),
+                synth_hidden=(12,), synth_residual=2, out_channels=3),
     ModelConfig(n_scales=1, latent_channels=2, gpp_hidden=5, gpp_kernel=1, gpp_kernel_min_scale=0,
                 synth_hidden=(), synth_residual=1, out_channels=1),
     ModelConfig(n_scales=4, latent_channels=6, gpp_hidden=17, gpp_kernel=3, gpp_kernel_min_scale=2,
-                synth_hidden=(24, 16), synth_residual=0, out_channels=3, negative_slope=0.5),
+                synth_hidden=(24, 16), synth_residual=0, out_channels=3),
 ]  # fmt: skip
 SIZES = [(1, 1), (7, 13), (65, 33)]
 
@@ -254,7 +253,7 @@ import json
 from n2l.model import ModelConfig
 from n2l.kernels.offline import compile_kernels
 cfg = ModelConfig(n_scales=2, latent_channels=2, gpp_hidden=6, gpp_kernel=3, gpp_kernel_min_scale=1,
-                  synth_hidden=(8,), synth_residual=1, out_channels=3, negative_slope=0.125)
+                  synth_hidden=(8,), synth_residual=1, out_channels=3)
 print(json.dumps([[k.name, k.registers, k.spill_bytes, k.ptx.count("mul.rn.f32")] for k in compile_kernels(cfg)]))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
