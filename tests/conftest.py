@@ -1,5 +1,6 @@
 """Shared fixtures: small committed Kodak crops and one encoded stream reused across tests."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,19 @@ DATA = Path(__file__).parent / "data"
 def crop64() -> np.ndarray:
     """Centre 64x64 crop of kodim15 (uint8 [64, 64, 3])."""
     return np.asarray(Image.open(DATA / "kodim15_64.png").convert("RGB"))
+
+
+@pytest.fixture
+def quick_polish(monkeypatch) -> None:
+    """The encoder's final RD polish in one cycle at a tenth of its exact-move budgets, for
+    tests of control flow (rate control, seeds, the eval) that need not polish their streams in
+    full: on small images its forward pass per try dominates their time. The polish's own
+    tests run it whole."""
+    from n2l import encoder
+
+    monkeypatch.setattr(encoder, "POLISH_CYCLES", 1)
+    monkeypatch.setattr(encoder, "_refine_weights", functools.partial(encoder._refine_weights, budget=200))
+    monkeypatch.setattr(encoder, "_refine_coarse_latents", functools.partial(encoder._refine_coarse_latents, budget=300))
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def test_decoding_is_deterministic(encoded64):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_quality_orders_rate(mode):
+def test_quality_orders_rate(mode, quick_polish):
     rng = np.random.default_rng(3)
     img = np.asarray(Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((24, 24)))
     low = n2l.encode(img, quality=0, mode=mode, iterations=60, verbose=False)
@@ -104,7 +104,7 @@ def _rd_cost(img: np.ndarray, buf: bytes, quality: int) -> float:
     return mse + n2l.encoder.quality_lambda(quality, "hybrid", img) * 8 * len(buf) / (img.shape[0] * img.shape[1])
 
 
-def test_seed_candidates_keep_the_best_single_seed_stream(crop64):
+def test_seed_candidates_keep_the_best_single_seed_stream(crop64, quick_polish):
     """seeds=2 runs both seeds' whole encodes side by side (one torch thread each) and keeps
     the lower RD cost: the same bytes as the better single-seed encode on one thread."""
     img = crop64[:32, :32]
@@ -146,7 +146,7 @@ def test_structure_trial_goes_on_with_the_cheaper_network(crop64, monkeypatch, c
 
 @pytest.mark.skipif(n2l.cpu.unavailable_reason() is not None, reason="training on the C++ core's kernels")
 @pytest.mark.parametrize("mode", ["hybrid", "pure"])
-def test_cpu_streams_do_not_depend_on_the_thread_count(crop64, mode):
+def test_cpu_streams_do_not_depend_on_the_thread_count(crop64, mode, quick_polish):
     """With the C++ core, a CPU encode runs torch on one thread and the core's kernels (fixed
     bands, summed in order) on the others: the same bytes for any thread count."""
     img = crop64[:40, :24]
@@ -161,7 +161,7 @@ def test_cpu_streams_do_not_depend_on_the_thread_count(crop64, mode):
     assert streams[0] == streams[1]
 
 
-def test_seed_candidates_under_rate_control_stay_under_the_target(crop64):
+def test_seed_candidates_under_rate_control_stay_under_the_target(crop64, quick_polish):
     buf = n2l.encode(crop64[:32, :32], iterations=40, seeds=2, target_bytes=300, verbose=False)
     assert 0.5 * 300 <= len(buf) <= 300
 
@@ -175,7 +175,7 @@ def test_encoding_leaves_the_global_random_state_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_rate_control_never_exceeds_the_target_size(crop64):
+def test_rate_control_never_exceeds_the_target_size(crop64, quick_polish):
     target = 700
     buf = n2l.encode(crop64, mode="pure", target_bytes=target, iterations=60, verbose=False)
     assert len(buf) <= target
@@ -184,7 +184,7 @@ def test_rate_control_never_exceeds_the_target_size(crop64):
         n2l.encode(crop64, mode="pure", target_bytes=20, iterations=10, verbose=False)
 
 
-def test_hybrid_mode_round_trip(crop64):
+def test_hybrid_mode_round_trip(crop64, quick_polish):
     """Hybrid mode: transmitted coarse latents; every backend here decodes the same stream."""
     config = n2l.preset("fast", coded_scales=3)
     buf = n2l.encode(crop64, quality=4, config=config, iterations=300, verbose=False)
@@ -198,12 +198,12 @@ def test_hybrid_mode_round_trip(crop64):
         assert np.abs(cpu.astype(int) - decoded.astype(int)).max() <= 1
 
 
-def test_hybrid_rate_control_never_exceeds_the_target_size(crop64):
+def test_hybrid_rate_control_never_exceeds_the_target_size(crop64, quick_polish):
     buf = n2l.encode(crop64, mode="hybrid", target_bytes=600, iterations=100, verbose=False)
     assert len(buf) <= 600 and n2l.read_header(buf).config.coded_scales > 0
 
 
-def test_rate_control_after_a_structure_trial_stays_under_the_target(crop64):
+def test_rate_control_after_a_structure_trial_stays_under_the_target(crop64, quick_polish):
     from n2l import encoder
 
     target = round(encoder.typical_hybrid_rd(crop64)[4][0] * 64 * 64 / 8)  # level 4's typical size
@@ -215,7 +215,7 @@ def test_rate_control_after_a_structure_trial_stays_under_the_target(crop64):
 @pytest.mark.filterwarnings("ignore:target PSNR")  # 60 iterations do not reach it
 @pytest.mark.parametrize("size_target", [True, False])
 def test_rate_control_moves_up_the_ladder_to_the_network_of_the_level_its_lambda_reaches(crop64, monkeypatch,
-                                                                                       size_target):
+                                                                                       size_target, quick_polish):
     """A first probe that moves lambda far up the ladder (toward more bits) makes training start
     over with the networks of the level it reaches (here level 6's, from level 4's two candidates);
     one that moves it far down starts over with the same network."""
@@ -250,7 +250,7 @@ def test_rate_control_moves_up_the_ladder_to_the_network_of_the_level_its_lambda
     assert biases == [pytest.approx(ladder)] * 2 + [0.0] and ladder != 0
 
 
-def test_starting_over_trains_only_what_is_left_of_the_main_phase(crop64, monkeypatch):
+def test_starting_over_trains_only_what_is_left_of_the_main_phase(crop64, monkeypatch, quick_polish):
     """After the first probe starts training over, the new run's schedule is shortened by the
     steps already spent: the main phase takes as many steps in all as a plain encode's."""
     from n2l import encoder

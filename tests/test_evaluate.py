@@ -116,7 +116,7 @@ def test_evaluate_standin_files_schema_and_resume(tmp_path):
     assert len(calls) == len(IMAGES) * 2
 
 
-def test_eval_cli_with_real_n2l(tmp_path):
+def test_eval_cli_with_real_n2l(tmp_path, quick_polish):
     """The real codec through the real bitstream: 2 crops x 2 qualities, few iterations."""
     import n2l
 
