@@ -1243,6 +1243,8 @@ def encode(
         relevel = lambda level: networks(level, network_structures(level, mode))  # noqa: E731
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if not 0 <= seed < 2**32:  # the header holds a u32
+        raise ValueError(f"seed must be in 0..{2**32 - 1}, got {seed}")
     device = torch.device(device)
     target = to_tensor(array).to(device)
 

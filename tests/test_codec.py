@@ -97,6 +97,9 @@ def test_mode_conversions_and_rejections(crop64):
         n2l.load_image(torch.full((3, 4, 4), 2.0))
     with pytest.raises(ValueError):
         n2l.encode(crop64, quality=9)
+    for seed in (-1, 2**32):  # the header's seed is a u32: such a stream could not be read
+        with pytest.raises(ValueError, match="seed must be"):
+            n2l.encode(crop64, seed=seed, iterations=1, verbose=False)
 
 
 def _rd_cost(img: np.ndarray, buf: bytes, quality: int) -> float:

@@ -122,7 +122,7 @@ def test_eval_cli_with_real_n2l(tmp_path, quick_polish):
 
     out = tmp_path / "out"
     rc = main([*map(str, IMAGES), "--qualities", "2,6", "--iterations", "30", "--mode", "pure", "--codecs", "jpeg",
-               "-o", str(out), "--quiet"])
+               "--seed", "3", "-o", str(out), "--quiet"])
     assert rc == 0
     _check_outputs(out, ["n2l", "jpeg420", "jpeg444"], len(IMAGES) * (2 + 12 + 12))
     rows = [r for r in _read_tsv(out / "results.tsv") if r["codec"] == "n2l"]
@@ -132,7 +132,7 @@ def test_eval_cli_with_real_n2l(tmp_path, quick_polish):
         buf = path.read_bytes()
         assert len(buf) == int(r["bytes"])
         header = n2l.read_header(buf)
-        assert (header.width, header.height) == (32, 32)
+        assert (header.width, header.height, header.seed, r["seed"]) == (32, 32, 3, "3")
         assert float(r["macs_per_pixel"]) == pytest.approx(header.config.macs_per_pixel(32, 32))
         rec = n2l.decode(buf, device="cpu")
         ref = np.asarray(Image.open(DATA / f"{r['image']}.png").convert("RGB"))

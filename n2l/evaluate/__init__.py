@@ -172,6 +172,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="n2l model preset (default: n2l's choice per quality)")
     parser.add_argument("--lmbda", type=float, default=None, help="n2l rate-distortion lambda override")
     parser.add_argument("--seeds", type=int, default=1, help="n2l seeds tried per image (default 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="n2l's (first) noise seed: repeat a run with another to see the seed's noise (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device for n2l encoding/decoding (default cpu)")
     parser.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                         help="n2l encodes side by side, each in its own process on 1/N of the cores (default 1)")
@@ -211,7 +213,7 @@ def run_eval(args: argparse.Namespace) -> int:
     codecs: list[Codec] = []
     if not args.no_n2l:
         codecs.append(N2LCodec(qualities, mode=args.mode, preset=args.preset, iterations=args.iterations, lmbda=args.lmbda,
-                               seeds=args.seeds, device=args.device))
+                               seeds=args.seeds, seed=args.seed, device=args.device))
     codecs += classical
     if not codecs:
         print("n2l eval: no codec to evaluate", file=sys.stderr)

@@ -294,13 +294,15 @@ class N2LCodec:
         iterations: int | None = None,
         lmbda: float | None = None,
         seeds: int = 1,
+        seed: int = 0,
         device: str = "cpu",
         backend: str = "auto",
     ) -> None:
         self.qualities = tuple(int(q) for q in qualities)
         self.device = device
         self.backend = backend
-        self._kwargs = {"mode": mode, "preset": preset, "iterations": iterations, "lmbda": lmbda, "seeds": seeds}
+        self._kwargs = {"mode": mode, "preset": preset, "iterations": iterations, "lmbda": lmbda, "seeds": seeds,
+                        "seed": seed}
         # Everything that changes the bitstream; the device is recorded per row but not keyed.
         training = getattr(n2l, "TrainingConfig", None)
         training_defaults = dict(vars(training())) if training is not None else {}
