@@ -45,7 +45,7 @@ def _encode_and_report(image, args: argparse.Namespace) -> tuple[bytes, np.ndarr
     started = time.perf_counter()
     buf = encode(
         original, quality=args.quality, mode=args.mode, preset=args.preset, lmbda=args.lmbda, iterations=args.iterations,
-        seeds=args.seeds, device=args.device, target_bytes=target_bytes, target_psnr=args.target_psnr,
+        seeds=args.seeds, seed=args.seed, device=args.device, target_bytes=target_bytes, target_psnr=args.target_psnr,
         verbose=not args.quiet,
     )
     elapsed = time.perf_counter() - started
@@ -124,6 +124,9 @@ def _add_encode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="whole encodes with this many noise seeds side by side on the CPU threads, keeping "
                         "the lowest RD cost (2: 1.24x the time on 2 cores, bench/RESULTS.md 7q)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed (0..2^32-1) of the encode (with --seeds: of the first one); another moves "
+                        "the RD cost by about 1.5-3%% (bench/RESULTS.md 8i)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-size", type=parse_size, default=None, metavar="SIZE",
                         help="largest stream not above SIZE (e.g. 20KB), within 3%%; overrides --quality")
