@@ -54,6 +54,7 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 MAX_SIDE = 32768
 MAX_PIXELS = 1 << 28  # 16384 x 16384
 MAX_CODED_ELEMENTS = 1 << 26  # transmitted latent values (256 MiB as int32)
+MAX_SEED = 2**32 - 1  # the noise seed is a u32
 _FIXED_V1 = struct.Struct("<3sBHHB7B")  # magic .. n_synth_hidden
 _FIXED = struct.Struct("<3sBHHB8B")  # magic .. coded_scales
 _U8, _I8, _U16, _U32 = (struct.Struct(f) for f in ("<B", "<b", "<H", "<I"))
@@ -363,7 +364,7 @@ def _read_bit_header(r: _Reader, version: int) -> tuple[int, int, ModelConfig, i
     if version >= 7:
         fields["synth_upsampling"] = "bicubic" if b.u(1, "synthesis upsampling") else "bilinear"
     config = _config(width, height, channels, synth_hidden, **fields)
-    seed = b.eg(0, "seed", 2**32 - 1)
+    seed = b.eg(0, "seed", MAX_SEED)
     codes = []
     n_layer_tensors = 2 * len(config.layer_shapes())
     read_code = _read_code_v8 if version >= 8 else _read_code_v5

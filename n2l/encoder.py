@@ -1243,8 +1243,8 @@ def encode(
         relevel = lambda level: networks(level, network_structures(level, mode))  # noqa: E731
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    if not 0 <= seed < 2**32:  # the header holds a u32
-        raise ValueError(f"seed must be in 0..{2**32 - 1}, got {seed}")
+    if not 0 <= seed <= bitstream.MAX_SEED:  # a stream with another could not be read
+        raise ValueError(f"seed must be in 0..{bitstream.MAX_SEED}, got {seed}")
     device = torch.device(device)
     target = to_tensor(array).to(device)
 
@@ -1263,7 +1263,7 @@ def encode(
         if seeds == 1:
             return candidate(seed)[0]
         with ThreadPoolExecutor(seeds) as pool:
-            results = list(pool.map(candidate, [(seed + k) & 0xFFFFFFFF for k in range(seeds)], range(seeds)))
+            results = list(pool.map(candidate, [(seed + k) & bitstream.MAX_SEED for k in range(seeds)], range(seeds)))
     finally:
         torch.set_num_threads(threads)
     pixels = height * width
