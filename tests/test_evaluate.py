@@ -18,7 +18,7 @@ from n2l.evaluate import add_eval_arguments, evaluate, main, run_eval
 from n2l.evaluate import codecs as codecs_mod
 from n2l.evaluate.anchors import Anchor, coolchic_curves, is_full_kodak, load_kodak_anchors
 from n2l.evaluate.codecs import FunctionCodec, classical_codecs, parse_codec_names
-from n2l.evaluate.report import published_bd_table
+from n2l.evaluate.report import dataset_curve, published_bd_table, read_tsv
 from n2l.evaluate.runner import ROW_FIELDS, center_crop, ms_ssim_rgb, psnr_mse
 
 DATA = Path(__file__).parent / "data"
@@ -94,6 +94,10 @@ def test_evaluate_standin_files_schema_and_resume(tmp_path):
     assert n2l_curve["macs_per_pixel"] == [123.0, 123.0]
     assert n2l_curve["psnr_of_mean_mse"][0] <= n2l_curve["psnr"][0] + 1e-9  # Jensen
     assert len(Path(tmp_path / "bitstreams").glob("*.n2l").__iter__().__next__().read_bytes()) > 0
+    # results.tsv reads back to the same curve (bench/compare_runs.py works from it).
+    rows = [r for r in read_tsv(tmp_path / "results.tsv") if r["codec"] == "n2l"]
+    again = dataset_curve(rows, sorted({r["image"] for r in rows}))
+    assert again["bpp"] == pytest.approx(n2l_curve["bpp"]) and again["psnr"] == pytest.approx(n2l_curve["psnr"])
 
     # Interrupted-run simulation: drop half the cache; a rerun only measures the missing points.
     cache = tmp_path / "cache.jsonl"

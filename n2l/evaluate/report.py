@@ -33,6 +33,20 @@ def write_tsv(rows: Sequence[dict[str, Any]], path: Path) -> None:
                         for k in ROW_FIELDS])
 
 
+NUMERIC_FIELDS = ("quality", "width", "height", "bytes", "bpp", "psnr", "mse", "ms_ssim", "enc_time_s",
+                  "dec_time_s", "macs_per_pixel")
+
+
+def read_tsv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results.tsv written by `write_tsv`, numbers as floats (empty: NaN)."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    for r in rows:
+        for k in NUMERIC_FIELDS:
+            r[k] = float(r[k]) if r.get(k) else math.nan
+    return rows
+
+
 def write_bd_tsv(per_image: Sequence[dict[str, Any]], path: Path) -> None:
     """Per-image BD-rate / BD-PSNR of n2l against each codec."""
     with path.open("w", newline="") as f:
