@@ -14,15 +14,13 @@ codes every latent at that depth (1: as formats 4 and 5 did) instead of the chea
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import re
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from n2l import bitstream
-from n2l.evaluate.report import REFERENCE, bd_tables, dataset_curve
+from n2l.evaluate.report import REFERENCE, bd_tables, dataset_curve, read_tsv
 from n2l.weights import MAX_DEPTH, decode_tensors, encode_tensors, fit_latent
 
 
@@ -60,11 +58,7 @@ def main() -> None:
 
 def print_bd_rates(results: Path, sizes: dict[int, dict[str, tuple[int, int]]]) -> None:
     """Dataset BD-rates of n2l against every other codec of the run, before and after."""
-    with open(results, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    for r in rows:
-        for key in ("quality", "bytes", "bpp", "psnr", "mse"):
-            r[key] = float(r[key]) if r[key] not in ("", "nan") else math.nan
+    rows = read_tsv(results)
     images = sorted({r["image"] for r in rows if r["codec"] == REFERENCE})
     tables = []
     for after in (False, True):
