@@ -52,7 +52,7 @@ def pool(runs: list[Path]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="eval output folders: anchor run, then the run compared with it")
+    parser.add_argument("runs", type=Path, nargs="+", help="eval output folders: the anchor run and the run compared with it, or the runs to pool")
     parser.add_argument("--pool", action="store_true", help="pool the runs and compare n2l with their other codecs")
     args = parser.parse_args()
     if args.pool:

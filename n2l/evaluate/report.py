@@ -33,8 +33,8 @@ def write_tsv(rows: Sequence[dict[str, Any]], path: Path) -> None:
                         for k in ROW_FIELDS])
 
 
-NUMERIC_FIELDS = ("quality", "width", "height", "bytes", "bpp", "psnr", "mse", "ms_ssim", "enc_time_s",
-                  "dec_time_s", "macs_per_pixel")
+_NUMERIC_FIELDS = ("quality", "width", "height", "bytes", "bpp", "psnr", "mse", "ms_ssim", "enc_time_s",
+                   "dec_time_s", "macs_per_pixel")
 
 
 def read_tsv(path: Path) -> list[dict[str, Any]]:
@@ -42,7 +42,7 @@ def read_tsv(path: Path) -> list[dict[str, Any]]:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     for r in rows:
-        for k in NUMERIC_FIELDS:
+        for k in _NUMERIC_FIELDS:
             r[k] = float(r[k]) if r.get(k) else math.nan
     return rows
 
