@@ -133,7 +133,7 @@ class TrainingConfig:
     warmup_fraction: float = 0.05  # linear learning-rate warm-up
     qat_fraction: float = 0.1  # final hard-rounding phase
     qat_lr: float = 1e-3
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global norm; hybrid mode's norms stay far below it (bench/RESULTS.md 8l)
     init_log2_step: float = -8.0
     coarse_latent_rate: float = 1.0  # weight of the coarse coded latents' proxy bits
     calibrate_every: int = 1000  # steps between fits of the latents' proxy bits to the coder's (0: never)
