@@ -14,13 +14,13 @@ anchor's dataset curve in both averaging conventions. Nothing is encoded: it rea
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from n2l.evaluate.bdrate import bd_rate
+from n2l.evaluate.report import read_tsv
 
 
 def _aggregate(points: list[tuple[float, float]], convention: str) -> tuple[float, float]:
@@ -48,12 +48,11 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="an n2l eval output folder (results.tsv)")
     parser.add_argument("--anchors", nargs="+", default=["avif", "hevc", "jxl", "webp"])
     args = parser.parse_args()
-    with open(args.run / "results.tsv", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    rows = read_tsv(args.run / "results.tsv")
     per_image: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         if r["codec"] == "n2l":
-            per_image[r["image"]].append((float(r["bpp"]), float(r["psnr"])))
+            per_image[r["image"]].append((r["bpp"], r["psnr"]))
     curves = {img: (np.log([b for b, _ in sorted(pts)]), np.array([p for _, p in sorted(pts)]))
               for img, pts in per_image.items()}
     sweeps = {"mse": np.geomspace(1e-5, 1e-1, 24), "psnr": np.geomspace(0.3, 100, 24)}
@@ -62,7 +61,7 @@ def main() -> None:
         settings: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for r in rows:
             if r["codec"] == anchor:
-                settings[r["quality"]].append((float(r["bpp"]), float(r["psnr"])))
+                settings[r["quality"]].append((r["bpp"], r["psnr"]))
         complete = [pts for pts in settings.values() if len(pts) == len(curves)]
         for convention in ("psnr", "mse"):
             a = sorted(_aggregate(pts, convention) for pts in complete)
