@@ -277,9 +277,13 @@ def test_published_anchors_when_present():
 
 
 def test_quality_parsing_and_bad_arguments(tmp_path):
-    from n2l.evaluate import _qualities
+    from n2l.evaluate import _qualities, add_eval_arguments
 
     assert _qualities(["0,2", "4"]) == [0, 2, 4] and _qualities(["0-8"]) == list(range(9))
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    defaults = parser.parse_args(["image.png", "-o", str(tmp_path)])
+    assert _qualities(defaults.qualities) == list(range(9))  # the whole ladder, as RESULTS 8m measures it
     with pytest.raises(argparse.ArgumentTypeError):
         _qualities(["9"])
     assert main([str(IMAGES[0]), "--qualities", "12", "-o", str(tmp_path), "-q"]) == 2

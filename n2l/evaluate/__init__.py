@@ -163,8 +163,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", "--outdir", dest="outdir", required=True,
                         help="output folder (results, report, resumable cache)")
     parser.add_argument("--crop", type=int, default=None, metavar="N", help="evaluate the center NxN crop")
-    parser.add_argument("--qualities", nargs="+", default=["0,2,4,6,8"], metavar="Q",
-                        help="n2l qualities (0..8), e.g. '0 2 4' or '0,2,4' or '0-8' (default 0,2,4,6,8)")
+    # Every level by default: BD-rate over a curve through every other level misses where it bends
+    # (bench/RESULTS.md 8m); fewer levels make a quicker, rougher run.
+    parser.add_argument("--qualities", nargs="+", default=["0-8"], metavar="Q",
+                        help="n2l qualities (0..8), e.g. '0 2 4' or '0,2,4' or '0-8' (default 0-8, every level)")
     parser.add_argument("--iterations", type=int, default=None, help="n2l training iterations (default: n2l's)")
     parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODES,
                         help=f"n2l mode: hybrid (transmitted coarse latents) or pure (generated latents); "

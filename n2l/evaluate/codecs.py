@@ -287,7 +287,7 @@ class N2LCodec:
 
     def __init__(
         self,
-        qualities: Sequence[int] = (0, 2, 4, 6, 8),
+        qualities: Sequence[int] = tuple(range(9)),
         *,
         mode: str = DEFAULT_MODE,
         preset: str | None = None,
