@@ -22,7 +22,7 @@ from typing import Any
 from ..encoder import DEFAULT_MODE, MODES
 from .anchors import default_anchor_dir, is_full_kodak, load_kodak_anchors
 from .bdrate import BDWarning, bd_psnr, bd_rate
-from .codecs import CLASSICAL_CODECS, Codec, N2LCodec, classical_codecs, parse_codec_names
+from .codecs import ALL_QUALITIES, CLASSICAL_CODECS, Codec, N2LCodec, classical_codecs, parse_codec_names
 from .report import (
     REFERENCE,
     bd_tables,
@@ -165,7 +165,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=int, default=None, metavar="N", help="evaluate the center NxN crop")
     # Every level by default: BD-rate over a curve through every other level misses where it bends
     # (bench/RESULTS.md 8m); fewer levels make a quicker, rougher run.
-    parser.add_argument("--qualities", nargs="+", default=["0-8"], metavar="Q",
+    parser.add_argument("--qualities", nargs="+", default=list(ALL_QUALITIES), metavar="Q",
                         help="n2l qualities (0..8), e.g. '0 2 4' or '0,2,4' or '0-8' (default 0-8, every level)")
     parser.add_argument("--iterations", type=int, default=None, help="n2l training iterations (default: n2l's)")
     parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODES,

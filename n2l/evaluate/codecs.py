@@ -21,7 +21,9 @@ import numpy as np
 
 import n2l
 
-from ..encoder import DEFAULT_MODE, network_structures
+from ..encoder import DEFAULT_MODE, QUALITY_LAMBDAS, network_structures
+
+ALL_QUALITIES = tuple(range(len(QUALITY_LAMBDAS)))  # n2l's default eval: every level of the ladder
 
 CLASSICAL_CODECS = ("jpeg420", "jpeg444", "webp", "avif", "jxl", "hevc")
 # Aliases accepted by --codecs: "jpeg" means both chroma subsamplings.
@@ -287,7 +289,7 @@ class N2LCodec:
 
     def __init__(
         self,
-        qualities: Sequence[int] = tuple(range(9)),
+        qualities: Sequence[int] = ALL_QUALITIES,
         *,
         mode: str = DEFAULT_MODE,
         preset: str | None = None,
