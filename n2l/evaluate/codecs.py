@@ -315,7 +315,7 @@ class N2LCodec:
             if mode in defaults:  # what this mode really trains with by default, per quality
                 training_defaults[name] = defaults[mode]
         # The networks tried per quality and their iterations, as a digest (the full list would swamp the report).
-        structures = json.dumps([[(asdict(c), n) for c, n in network_structures(q, mode, preset)] for q in range(9)])
+        structures = json.dumps([[(asdict(c), n) for c, n in network_structures(q, mode, preset)] for q in ALL_QUALITIES])
         # How a quality level sets lambda (in hybrid mode scaled per image: `n2l.encoder.quality_lambda`).
         lambda_rule = {"lambdas": getattr(encoder, "QUALITY_LAMBDAS", None)}
         if mode == "hybrid" and hasattr(encoder, "HYBRID_REFERENCE_TEXTURE"):
